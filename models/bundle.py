@@ -1,0 +1,188 @@
+"""The defended model bundle: the contract between training, serving and anyone auditing the defence.
+
+A bundle is a folder::
+
+    manifest.json      this schema (versioned), with the sha256 of every other file
+    aegis.onnx         one graph: input `image` float32 N x C x H x W in [0, 1], already resized and Cushioned;
+                       outputs `logits` (N x K) and `shield_logits` (N x K, each class's Shield logit, high = clean)
+    weights.pt         the torch state dicts (classifier + Shields) for white-box attacks and fine-tuning
+    MODEL_CARD.md      intended use, data and attribution, metrics with their scale and command, limits
+
+The decision rule, for an input `x` of any size:
+    `u = cushion(prepare_image(x, input))`; `logits, s = aegis.onnx(u / 255)`; `k = argmax(logits)`;
+    accept iff `s[k] >= thresholds[classes[k]]`.
+
+`load_bundle` refuses a bundle whose schema is wrong, whose major schema version is unknown, or whose files do not
+match their recorded hashes. This module needs no torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from models.cushion import Cushion
+from models.imaging import InputSpec
+
+SCHEMA_VERSION = "1.0"
+MANIFEST = "manifest.json"
+ONNX_FILE = "aegis.onnx"
+WEIGHTS_FILE = "weights.pt"
+CARD_FILE = "MODEL_CARD.md"
+REQUIRED_FILES = (ONNX_FILE, CARD_FILE)
+DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parent / "default"
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be trusted or used: missing files, bad schema, hash mismatch."""
+
+
+class OnnxSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    file: str = ONNX_FILE
+    input: str = "image"
+    outputs: tuple[str, str] = ("logits", "shield_logits")
+    opset: int = Field(17, ge=11)
+
+
+class ArchitectureSpec(BaseModel):
+    """Enough to rebuild the torch model from `weights.pt` (models.networks.build_aegis)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    backbone: str
+    taps: tuple[int, ...] = Field(description="1-indexed residual blocks (ResNet) or ReLU layers (VGG) fed to Shields")
+    tap_names: tuple[str, ...] = ()
+    shield_width: int = Field(gt=0)
+
+
+class CalibrationSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    clean_rejection_rate: float = Field(gt=0.0, lt=1.0)
+    split: str
+    counts: dict[str, int] = Field(default_factory=dict, description="clean images routed to each class's Shield")
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: str = SCHEMA_VERSION
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    version: str = Field(min_length=1)
+    created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    classes: tuple[str, ...] = Field(min_length=2)
+    input: InputSpec
+    cushion: Cushion
+    onnx: OnnxSpec = OnnxSpec()
+    thresholds: dict[str, float] = Field(description="per class: accept iff that class's Shield logit >= threshold")
+    calibration: CalibrationSpec
+    architecture: ArchitectureSpec
+    training: dict[str, Any] = Field(default_factory=dict, description="the resolved training config")
+    data: dict[str, Any] = Field(default_factory=dict, description="dataset name, fingerprint and counts")
+    metrics: dict[str, Any] = Field(default_factory=dict, description="measured figures with scale and command")
+    reports: dict[str, str] = Field(default_factory=dict, description="extra files, e.g. security_report.json")
+    files: dict[str, str] = Field(default_factory=dict, description="sha256 of every file but the manifest")
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_major_version(cls, value: str) -> str:
+        if value.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+            raise ValueError(f"unsupported bundle schema version {value!r}; this code reads {SCHEMA_VERSION}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"class names must be unique, got {list(self.classes)}")
+        if set(self.thresholds) != set(self.classes):
+            raise ValueError(f"thresholds must name exactly the classes {list(self.classes)}, "
+                             f"got {sorted(self.thresholds)}")
+        return self
+
+    def threshold(self, class_index: int) -> float:
+        return self.thresholds[self.classes[class_index]]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Bundle:
+    """A verified bundle on disk."""
+
+    def __init__(self, root: Path, manifest: Manifest):
+        self.root = root
+        self.manifest = manifest
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.root / self.manifest.onnx.file
+
+    @property
+    def weights_path(self) -> Path:
+        return self.root / WEIGHTS_FILE
+
+    @property
+    def cushion(self):
+        return self.manifest.cushion
+
+    def model_card(self) -> str:
+        return (self.root / CARD_FILE).read_text(encoding="utf-8")
+
+    def report(self, key: str) -> Any | None:
+        """A report file named in `manifest.reports` (JSON parsed, anything else as text), or None."""
+        name = self.manifest.reports.get(key)
+        if name is None:
+            return None
+        text = (self.root / name).read_text(encoding="utf-8")
+        return json.loads(text) if name.endswith(".json") else text
+
+
+def load_bundle(path: str | Path | None = None) -> Bundle:
+    """Load and verify a bundle folder (the embedded default bundle when `path` is None)."""
+    root = Path(path) if path is not None else DEFAULT_BUNDLE_DIR
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        raise BundleError(f"{root} is not a model bundle: {MANIFEST} is missing")
+    try:
+        manifest = Manifest.model_validate_json(manifest_path.read_bytes())
+    except ValidationError as error:
+        raise BundleError(f"{manifest_path} does not match the bundle schema {SCHEMA_VERSION}: {error}") from error
+    for required in (*REQUIRED_FILES, manifest.onnx.file, *manifest.reports.values()):
+        if required not in manifest.files:
+            raise BundleError(f"{manifest_path} lists no hash for the required file {required}")
+    for name, expected in manifest.files.items():
+        file = root / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise BundleError(f"bundle file names must be relative to the bundle, got {name!r}")
+        if not file.is_file():
+            raise BundleError(f"bundle file {name} is missing from {root}")
+        actual = sha256_file(file)
+        if actual != expected:
+            raise BundleError(f"bundle file {name} was modified: sha256 {actual} != manifest {expected}")
+    return Bundle(root, manifest)
+
+
+def write_manifest(root: str | Path, manifest: Manifest) -> Manifest:
+    """Hash every file in `root` (but the manifest) into `manifest.files` and write manifest.json."""
+    root = Path(root)
+    files = {
+        p.relative_to(root).as_posix(): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    final = manifest.model_copy(update={"files": files})
+    Manifest.model_validate(final.model_dump())  # re-run the validators on the final form
+    (root / MANIFEST).write_text(final.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    return final

@@ -1,0 +1,189 @@
+"""The torch side of the model layer: tapped classifier, per-class Shields and their composition.
+
+Only training, evaluation and export import this module (it needs torch + torchvision); the service runs the exported
+ONNX graph instead. Inputs are float images in [0, 1]; ImageNet normalisation lives inside the classifier, so
+attack budgets are always pixel budgets.
+
+Tap indexing (paper §4.1, `attacks-reference.md` §8) is 1-indexed: for ResNets, over residual blocks in forward order
+(ResNet-50 [1, 4, 8, 14] = the first block of each stage); for VGG, over the ReLUs of `features`
+(VGG-16 [3, 6, 9, 12] = conv2_1, conv3_2, conv4_2, conv5_2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    factory: object
+    family: str  # "resnet" | "vgg"
+    default_taps: tuple[int, ...]
+
+
+BACKBONES: dict[str, BackboneInfo] = {
+    "resnet18": BackboneInfo(torchvision.models.resnet18, "resnet", (1, 3, 5, 7)),  # first block of each stage
+    "resnet50": BackboneInfo(torchvision.models.resnet50, "resnet", (1, 4, 8, 14)),  # paper
+    "vgg16": BackboneInfo(torchvision.models.vgg16, "vgg", (3, 6, 9, 12)),  # paper
+}
+
+
+class TappedClassifier(nn.Module):
+    """A torchvision backbone that returns its logits and the activations at the chosen taps.
+
+    Args:
+        backbone: a key of `BACKBONES`.
+        num_classes: output logits.
+        in_channels: 1 (grayscale, replicated to RGB inside) or 3.
+        taps: 1-indexed blocks (ResNet) or ReLU layers (VGG); defaults to the backbone's paper-style taps.
+        pretrained: optional path to a local torchvision state dict for the backbone (ImageNet weights); the
+            classification layer is replaced afterwards. Nothing is ever downloaded.
+    """
+
+    def __init__(self, backbone: str, num_classes: int, in_channels: int = 3, taps: tuple[int, ...] | None = None,
+                 pretrained: str | Path | None = None):
+        super().__init__()
+        if backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}")
+        if in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
+        info = BACKBONES[backbone]
+        net = info.factory(weights=None)
+        if pretrained is not None:
+            net.load_state_dict(torch.load(pretrained, map_location="cpu", weights_only=True))
+        self.backbone_name, self.family, self.in_channels = backbone, info.family, in_channels
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+        if info.family == "resnet":
+            self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+            self.body = nn.ModuleList([block for layer in (net.layer1, net.layer2, net.layer3, net.layer4)
+                                       for block in layer])
+            self.head = nn.Sequential(net.avgpool, nn.Flatten(), nn.Linear(net.fc.in_features, num_classes))
+            tappable = list(range(1, len(self.body) + 1))
+            self._tap_positions = {i: i for i in tappable}  # block i is body[i - 1]
+            self.tap_names_all = {i: f"block{i}" for i in tappable}
+        else:
+            self.stem = nn.Identity()
+            self.body = nn.ModuleList(list(net.features))
+            relu_positions = [pos for pos, m in enumerate(net.features, 1) if isinstance(m, nn.ReLU)]
+            self._tap_positions = {i: pos for i, pos in enumerate(relu_positions, 1)}
+            self.tap_names_all = {i: f"relu{i}(features.{pos - 1})" for i, pos in self._tap_positions.items()}
+            classifier = list(net.classifier)
+            classifier[-1] = nn.Linear(classifier[-1].in_features, num_classes)
+            self.head = nn.Sequential(net.avgpool, nn.Flatten(), *classifier)
+        self.taps = tuple(taps) if taps is not None else info.default_taps
+        bad = [t for t in self.taps if t not in self._tap_positions]
+        if bad or list(self.taps) != sorted(set(self.taps)):
+            raise ValueError(f"taps must be increasing and within {min(self._tap_positions)}.."
+                             f"{max(self._tap_positions)} for {backbone}, got {list(self.taps)}")
+        self._collect_at = {self._tap_positions[t] for t in self.taps}
+
+    @property
+    def tap_names(self) -> tuple[str, ...]:
+        return tuple(self.tap_names_all[t] for t in self.taps)
+
+    def normalise(self, x: Tensor) -> Tensor:
+        if self.in_channels == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return (x - self.mean) / self.std
+
+    def forward_with_taps(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        h = self.stem(self.normalise(x))
+        taps = []
+        for position, module in enumerate(self.body, 1):
+            h = module(h)
+            if position in self._collect_at:
+                taps.append(h)
+        return self.head(h), taps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_with_taps(x)[0]
+
+    def activation(self, x: Tensor, layer: int) -> Tensor:
+        """The output of 1-indexed block/ReLU `layer` (for stress tests of any layer, not only the taps)."""
+        h = self.stem(self.normalise(x))
+        stop = self._tap_positions[layer]
+        for position, module in enumerate(self.body, 1):
+            h = module(h)
+            if position == stop:
+                return h
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+class ShieldNet(nn.Module):
+    """One class's detector on multi-layer features (paper §3): a small conv branch per tap, pooled, then an MLP.
+
+    Returns one logit per image, high = clean (the paper's S; `attacks-reference.md` §0.4).
+    """
+
+    def __init__(self, tap_channels: list[int], width: int = 32):
+        super().__init__()
+        self.branches = nn.ModuleList([
+            nn.Sequential(
+                nn.Conv2d(c, width, 3, padding=1), nn.ReLU(inplace=True),
+                nn.Conv2d(width, width, 3, padding=1), nn.ReLU(inplace=True),
+                nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            )
+            for c in tap_channels
+        ])
+        self.head = nn.Sequential(nn.Linear(width * len(tap_channels), width), nn.ReLU(inplace=True),
+                                  nn.Linear(width, 1))
+
+    def forward(self, taps: list[Tensor]) -> Tensor:
+        return self.head(torch.cat([branch(t) for branch, t in zip(self.branches, taps)], dim=1)).squeeze(1)
+
+
+class AegisNet(nn.Module):
+    """Classifier + one Shield per class. `forward(x)` -> (logits N x K, shield_logits N x K): the ONNX graph."""
+
+    def __init__(self, classifier: TappedClassifier, shields: nn.ModuleList):
+        super().__init__()
+        self.classifier = classifier
+        self.shields = shields
+
+    def forward_all(self, x: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+        logits, taps = self.classifier.forward_with_taps(x)
+        return logits, self.shield_logits(taps), taps
+
+    def shield_logits(self, taps: list[Tensor]) -> Tensor:
+        return torch.stack([shield(taps) for shield in self.shields], dim=1)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        logits, shield_logits, _ = self.forward_all(x)
+        return logits, shield_logits
+
+
+def tap_channels(classifier: TappedClassifier, input_size: tuple[int, int]) -> list[int]:
+    with torch.no_grad():
+        was_training = classifier.training
+        classifier.eval()
+        _, taps = classifier.forward_with_taps(torch.zeros(1, classifier.in_channels, *input_size))
+        classifier.train(was_training)
+    return [t.shape[1] for t in taps]
+
+
+def build_aegis(backbone: str, num_classes: int, in_channels: int, input_size: tuple[int, int],
+                taps: tuple[int, ...] | None = None, shield_width: int = 32,
+                pretrained: str | Path | None = None) -> AegisNet:
+    classifier = TappedClassifier(backbone, num_classes, in_channels, taps, pretrained)
+    channels = tap_channels(classifier, input_size)
+    shields = nn.ModuleList([ShieldNet(channels, shield_width) for _ in range(num_classes)])
+    return AegisNet(classifier, shields)
+
+
+def load_aegis(bundle) -> AegisNet:
+    """Rebuild the torch model of a `models.bundle.Bundle` from its weights.pt (for white-box audits)."""
+    m = bundle.manifest
+    net = build_aegis(m.architecture.backbone, len(m.classes), m.input.channels, (m.input.height, m.input.width),
+                      tuple(m.architecture.taps), m.architecture.shield_width)
+    net.load_state_dict(torch.load(bundle.weights_path, map_location="cpu", weights_only=True))
+    return net.eval()

@@ -1,0 +1,116 @@
+"""The training entry point end to end (tiny, real images), resume, presets, DDP, and a Shield that learns."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from models.bundle import load_bundle
+from training.config import PRESETS_DIR, TrainConfig, load_config
+from training.train import main
+from tests.conftest import REPO
+
+
+def test_tiny_run_produces_a_complete_bundle(tiny_run):
+    bundle = load_bundle(tiny_run / "bundle")
+    metrics = bundle.manifest.metrics
+    assert set(metrics["attacks"]) == {"pgd20", "wb3", "wbd3", "spgd3"}
+    for figures in metrics["attacks"].values():
+        assert figures["max_linf"] <= 16 / 256 + 1e-6
+        assert 0 <= figures["bypass_rate"] <= figures["asr_label"] <= 1
+    assert metrics["clean"]["n"] == 48
+    assert len(metrics["history"]["classifier"]) == 1 and len(metrics["history"]["shield"]) == 1
+    assert json.loads((tiny_run / "config.json").read_text())["name"] == "aegis-tiny"
+    assert "classifier epoch 1/1" in (tiny_run / "train.log").read_text()
+
+
+def test_resume_continues_after_the_last_epoch(tiny_run, tmp_path, kermany_dir):
+    import shutil
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    assert main(["--preset", "tiny", "--data-dir", str(kermany_dir), "--out", str(run), "--resume",
+                 "--set", "shield_epochs=2", "--skip-eval"]) == 0
+    history = load_bundle(run / "bundle").manifest.metrics["history"]
+    assert [e["epoch"] for e in history["classifier"]] == [0]  # not retrained
+    assert [e["epoch"] for e in history["shield"]] == [0, 1]
+
+
+def test_presets_load_and_overrides_apply():
+    for path in PRESETS_DIR.glob("*.json"):
+        assert isinstance(load_config(path.stem), TrainConfig)
+    cfg = load_config("cxr-paper", {"taps": "[1, 4]", "shield_epochs": "3"})
+    assert cfg.backbone == "resnet50" and cfg.image_size == 224 and cfg.taps == (1, 4) and cfg.shield_epochs == 3
+    with pytest.raises(ValueError, match="unknown config keys"):
+        load_config("cxr-cpu", {"epochs": 3})
+    with pytest.raises(FileNotFoundError, match="known presets"):
+        load_config("nope")
+
+
+def test_epsilon_curriculum_goes_from_1_to_16_over_256():
+    cfg = TrainConfig(curriculum_epochs=25)
+    assert cfg.eps_at(0) == pytest.approx(1 / 256)
+    assert cfg.eps_at(24) == pytest.approx(16 / 256) and cfg.eps_at(40) == pytest.approx(16 / 256)
+    assert all(cfg.eps_at(e) < cfg.eps_at(e + 1) for e in range(24))
+
+
+def test_paper_preset_runs_at_tiny_size(tmp_path, kermany_dir):
+    """ResNet-50 paper preset, shrunk to a few 32 px images: the same code path a GPU run takes."""
+    overrides = ["image_size=32", "limit_per_split=16", "clf_epochs=1", "shield_epochs=1", "clf_batch_size=8",
+                 "shield_batch_size=8", "attack_steps=1", "eval_images=4", "eval_batch_size=4", "eval_steps=2",
+                 "shield_width=8"]
+    args = ["--preset", "cxr-paper", "--data-dir", str(kermany_dir), "--out", str(tmp_path)]
+    assert main(args + [a for o in overrides for a in ("--set", o)]) == 0
+    manifest = load_bundle(tmp_path / "bundle").manifest
+    assert manifest.architecture.backbone == "resnet50" and manifest.architecture.taps == (1, 4, 8, 14)
+
+
+def test_ddp_ranks_end_with_identical_weights(tmp_path, kermany_dir):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "training.train", "--preset", "tiny", "--data-dir", str(kermany_dir), "--out", str(tmp_path),
+               "--skip-eval", "--save-rank-weights", "--set", "limit_per_split=64"]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert rank0.keys() == rank1.keys()
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), f"{key} differs between ranks"
+    assert "world size 2" in (tmp_path / "train.log").read_text()
+    assert load_bundle(tmp_path / "bundle").manifest.name == "aegis-tiny"
+
+
+def test_briefly_trained_shield_separates_clean_from_attacked(small_net, xray_data, tmp_path):
+    """Adversarial training of the Shields on 600 real images, then clean vs PGD on 96 unseen ones."""
+    import copy
+
+    from models.cushion import JpegCushion
+    from training.attacks import Objective, PGDConfig, pgd
+    from training.evaluate import predict, routed_scores
+    from training.metrics import auroc
+    from training.train import Runtime, Split, train_shields
+
+    x_train, y_train, x_test, y_test = xray_data
+    net = copy.deepcopy(small_net)
+    to_split = lambda x, y: Split((x.permute(0, 2, 3, 1) * 255).round().byte().numpy(), y.numpy())  # noqa: E731
+    cfg = TrainConfig(shield_epochs=3, curriculum_epochs=2, eps_start=8 / 256, shield_batch_size=64,
+                      attack_steps=3, shield_lr=3e-3)
+    history = {"classifier": [], "shield": []}
+    train_shields(cfg, net, {"train": to_split(x_train, y_train)}, JpegCushion(), Runtime(0, 1, torch.device("cpu")),
+                  tmp_path, None, history)
+    net.eval()
+    cushion = JpegCushion()
+    logits, shields = predict(net, x_test, cushion)
+    clean_scores = routed_scores(logits, shields, logits.argmax(1))
+    target = 1 - y_test
+    adv = pgd(net, x_test, target, Objective(), PGDConfig(eps=16 / 256, steps=10), cushion=cushion).x_adv
+    adv_logits, adv_shields = predict(net, adv, cushion)
+    reached = adv_logits.argmax(1) == target.numpy()
+    adv_scores = routed_scores(adv_logits, adv_shields, target.numpy())[reached]
+    assert reached.mean() > 0.5
+    assert auroc(clean_scores, adv_scores) > 0.75
+    assert history["shield"][-1]["adv_reject"] > 0.5

@@ -1,0 +1,117 @@
+"""Training configuration: one frozen dataclass, named presets in `training/presets/*.json`, dotted overrides.
+
+Every run writes its resolved config next to its checkpoints, and the bundle carries it in its manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # data
+    dataset: str = "kermany"
+    data_dir: str | None = None  # default: $AEGIS_DATA_DIR/<dataset folder> or ../shared/data/<dataset folder>
+    image_size: int = 64
+    channels: int = 1
+    val_fraction: float = 0.15
+    limit_per_split: int | None = None  # tiny runs: at most this many images per split
+    seed: int = 0
+    # classifier (paper: ImageNet-pretrained ResNet-50 / VGG-16; CPU preset: ResNet-18 from scratch)
+    backbone: str = "resnet18"
+    taps: tuple[int, ...] | None = None  # None: the backbone's default taps (models.networks.BACKBONES)
+    pretrained: str | None = None  # local torchvision state dict; nothing is downloaded
+    clf_epochs: int = 20
+    clf_batch_size: int = 64
+    clf_lr: float = 2e-3
+    clf_weight_decay: float = 5e-4
+    cushion_aug_prob: float = 0.5  # train on Cushioned images this often, so the Cushion costs ~nothing
+    # Cushion (paper: JPEG quality 80)
+    cushion: dict[str, Any] = field(default_factory=lambda: {"kind": "jpeg", "quality": 80})
+    # Shield adversarial training (paper Eq. 3/4)
+    shield_width: int = 32
+    shield_epochs: int = 10
+    shield_batch_size: int = 64
+    shield_lr: float = 1e-3
+    eps_start: float = 1 / 256  # epsilon curriculum 1/256 -> 16/256 (paper §4.1)
+    eps_end: float = 16 / 256
+    curriculum_epochs: int = 5  # epochs to ramp eps_start -> eps_end, then hold
+    attack_steps: int = 7
+    attack_objective: str = "wb"  # "wb": -S^t + J_cw (what the evaluation's WB attack uses); "shield": paper's -S^t
+    attack_direction: str = "sum"  # "sum" | "selective" | "orthogonal" (engine PGDConfig.direction)
+    attack_kappa: float = 10.0
+    # calibration
+    clean_rejection_rate: float = 0.05
+    # evaluation written into the bundle (CPU scale by default; the paper uses the whole test split)
+    eval_images: int = 150
+    eval_batch_size: int = 50
+    eval_steps: int = 100
+    # bundle
+    name: str = "aegis-kermany-resnet18-64"
+    version: str = "1.0.0"
+    threads: int | None = None
+
+    def __post_init__(self):
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.attack_objective not in ("wb", "shield"):
+            raise ValueError(f"attack_objective must be 'wb' or 'shield', got {self.attack_objective!r}")
+        if not 0 < self.eps_start <= self.eps_end:
+            raise ValueError(f"need 0 < eps_start <= eps_end, got {self.eps_start}, {self.eps_end}")
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        if self.data_dir:
+            return Path(self.data_dir)
+        folder = {"kermany": "kermany-pneumonia", "aptos": "aptos2019-dr"}[self.dataset]
+        return Path(os.environ.get("AEGIS_DATA_DIR", DEFAULT_DATA_ROOT)) / folder
+
+    def eps_at(self, epoch: int) -> float:
+        """Linear curriculum from eps_start (epoch 0) to eps_end (epoch curriculum_epochs - 1), then held."""
+        if self.curriculum_epochs <= 1:
+            return self.eps_end
+        fraction = min(epoch / (self.curriculum_epochs - 1), 1.0)
+        return self.eps_start + fraction * (self.eps_end - self.eps_start)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Parse a command-line override string into the field's type (JSON first, then plain string)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass
+    if name == "taps" and value is not None:
+        value = tuple(value)
+    return value
+
+
+def load_config(preset: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """A preset name (`training/presets/<name>.json`) or JSON path, then `key=value` overrides."""
+    values: dict[str, Any] = {}
+    if preset is not None:
+        path = Path(preset) if str(preset).endswith(".json") else PRESETS_DIR / f"{preset}.json"
+        if not path.is_file():
+            known = sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
+            raise FileNotFoundError(f"no preset {preset!r}; known presets: {known}")
+        values.update(json.loads(path.read_text()))
+        values.pop("_comment", None)
+    values.update(overrides or {})
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(names)}")
+    return replace(TrainConfig(), **{k: _coerce(k, v) for k, v in values.items()})

@@ -1,0 +1,187 @@
+"""Evaluate a defended model: clean accuracy with and without the Cushion, and the attack suite of the bundle's
+acceptance (PGD-20 that ignores the Shield; WB-100, WB_d-100 and selective PGD-100 that attack it), all with BPDA
+through the real Cushion, on uint8-quantised adversarial images, at the bundle's own thresholds.
+
+Re-evaluate an existing bundle (the figures in its model card come from this):
+
+    python -m training.evaluate --bundle models/default --images 150
+
+Per attack it reports, over `attempted` = correctly classified test images (`attacks-reference.md` §5.5):
+`asr_label` (reach the target class), `auroc` and `tpr_at_90tnr` / `tpr_at_95tnr` (clean = every correctly classified
+test image, adversarial = the attacks that reached their target; score = -Shield logit of the routed class),
+`rejected_of_successful` (share of label-successful attacks the thresholds reject) and `bypass_rate`
+(reach the target AND accepted, over attempted: the end-to-end security figure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import Tensor
+
+from models.networks import AegisNet
+from training.attacks import CWObjective, Objective, PGDConfig, WhiteBoxObjective, exact_cushion, pgd
+from training.metrics import auroc, tpr_at_tnr
+
+EPS = 16 / 256
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    name: str
+    objective: Objective
+    config: PGDConfig
+    description: str
+
+
+def attack_suite(thresholds: Tensor, steps: int = 100, kappa: float = 10.0) -> list[AttackSpec]:
+    """The acceptance suite. Step size 2/256 for the 100-step adaptive attacks (`attacks-reference.md` §11)."""
+    alpha = 2 / 256
+    wb = WhiteBoxObjective(thresholds=thresholds, kappa=kappa)
+    return [
+        AttackSpec("pgd20", Objective(thresholds=thresholds), PGDConfig(eps=EPS, steps=20),
+                   "targeted PGD-L∞ (CE), 20 steps, step 2.5ε/20, random start; ignores the Shield"),
+        AttackSpec(f"wb{steps}", wb, PGDConfig(eps=EPS, steps=steps, step_size=alpha),
+                   f"WB: minimise -S^t + J_cw (κ={kappa}), {steps} steps, step 2/256, random start"),
+        AttackSpec(f"wbd{steps}", wb, PGDConfig(eps=EPS, steps=steps, step_size=alpha, decay_steps=(steps // 2,)),
+                   f"WB_d: as WB, step ×0.1 at step {steps // 2}"),
+        AttackSpec(f"spgd{steps}", wb,
+                   PGDConfig(eps=EPS, steps=steps, step_size=alpha, decay_steps=(steps // 2,), direction="selective"),
+                   f"selective PGD (Bryniarski et al. 2022): J_cw until the target is reached, then -S^t only; "
+                   f"{steps} steps, step 2/256, ×0.1 at {steps // 2}"),
+    ]
+
+
+@torch.no_grad()
+def predict(net: AegisNet, x: Tensor, cushion, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, shield_logits) of the pipeline on `x` (Cushion None: bypass it)."""
+    logits, shields = [], []
+    for i in range(0, len(x), batch):
+        xb = x[i:i + batch]
+        out = net(exact_cushion(xb, cushion) if cushion is not None else xb)
+        logits.append(out[0].numpy())
+        shields.append(out[1].numpy())
+    return np.concatenate(logits), np.concatenate(shields)
+
+
+def routed_scores(logits: np.ndarray, shield_logits: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """Detection score (high = adversarial): minus the Shield logit of `classes` (the predicted / target class)."""
+    return -shield_logits[np.arange(len(classes)), classes]
+
+
+def clean_metrics(net: AegisNet, x: Tensor, labels: np.ndarray, cushion, thresholds: np.ndarray) -> dict:
+    out = {}
+    for name, c in (("cushion", cushion), ("no_cushion", None)):
+        logits, shields = predict(net, x, c)
+        probs = torch.softmax(torch.from_numpy(logits), 1).numpy()
+        pred = logits.argmax(1)
+        out[f"accuracy_{name}"] = float((pred == labels).mean())
+        if logits.shape[1] == 2:
+            out[f"roc_auc_{name}"] = float(roc_auc_score(labels, probs[:, 1]))
+        else:
+            out[f"roc_auc_{name}"] = float(roc_auc_score(labels, probs, multi_class="ovr"))
+        if name == "cushion":
+            accepted = shields[np.arange(len(pred)), pred] >= thresholds[pred]
+            out["clean_rejection_rate"] = float(1 - accepted.mean())
+            out["accuracy_of_accepted"] = float((pred == labels)[accepted].mean())
+    out["cushion_accuracy_cost"] = out["accuracy_no_cushion"] - out["accuracy_cushion"]
+    out["n"] = int(len(labels))
+    return out
+
+
+def attack_metrics(net: AegisNet, x: Tensor, labels: np.ndarray, cushion, thresholds: np.ndarray,
+                   specs: list[AttackSpec], images: int, batch: int = 50, seed: int = 0) -> dict:
+    """Run each attack on up to `images` correctly classified test images; returns per-attack figures."""
+    logits, shields = predict(net, x, cushion)
+    pred = logits.argmax(1)
+    correct = np.flatnonzero(pred == labels)
+    clean_scores = routed_scores(logits[correct], shields[correct], pred[correct])
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.permutation(correct)[:images])
+    num_classes = logits.shape[1]
+    targets = (labels[chosen] + rng.integers(1, num_classes, len(chosen))) % num_classes
+    results = {}
+    for spec in specs:
+        torch.manual_seed(seed)
+        adv_images = []
+        for i in range(0, len(chosen), batch):
+            idx = chosen[i:i + batch]
+            result = pgd(net, x[idx], torch.from_numpy(targets[i:i + batch]), spec.objective, spec.config,
+                         cushion=cushion)
+            adv_images.append(result.x_adv)
+        adv = torch.cat(adv_images)
+        linf = float((adv - x[chosen]).abs().flatten(1).max(1).values.max())
+        adv_logits, adv_shields = predict(net, adv, cushion)  # re-judged from the returned uint8 images
+        reached = adv_logits.argmax(1) == targets
+        adv_scores = routed_scores(adv_logits, adv_shields, targets)
+        accepted = -adv_scores >= thresholds[targets]
+        successful_scores = adv_scores[reached]
+        tpr90, tnr90 = tpr_at_tnr(clean_scores, successful_scores, 0.90)
+        tpr95, tnr95 = tpr_at_tnr(clean_scores, successful_scores, 0.95)
+        results[spec.name] = {
+            "description": spec.description,
+            "eps": spec.config.eps, "steps": spec.config.steps, "max_linf": linf,
+            "attempted": int(len(chosen)), "asr_label": float(reached.mean()),
+            "auroc": auroc(clean_scores, successful_scores),
+            "tpr_at_90tnr": tpr90, "tnr_realised_90": tnr90, "tpr_at_95tnr": tpr95, "tnr_realised_95": tnr95,
+            "rejected_of_successful": float(1 - accepted[reached].mean()) if reached.any() else float("nan"),
+            "bypass_rate": float((reached & accepted).mean()),
+            "n_clean": int(len(clean_scores)),
+        }
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    from models.bundle import load_bundle
+    from models.networks import load_aegis
+    from training.data import CLASSES, load_images, load_records
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", type=Path, default=None, help="bundle folder (default: the embedded one)")
+    parser.add_argument("--data-dir", type=Path, help="dataset folder (default: the bundle's training data path)")
+    parser.add_argument("--images", type=int, default=150, help="test images attacked per attack")
+    parser.add_argument("--steps", type=int, default=100, help="steps of the adaptive attacks")
+    parser.add_argument("--attacks", default="all", help="comma-separated names from the suite, or all")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bundle = load_bundle(args.bundle)
+    m = bundle.manifest
+    dataset = m.data.get("dataset", "kermany")
+    if args.data_dir is not None:
+        data_dir = args.data_dir
+    else:
+        from training.config import TrainConfig
+
+        data_dir = TrainConfig(dataset=dataset).resolved_data_dir
+    records = [r for r in load_records(dataset, data_dir) if r.split == "test"]
+    if tuple(CLASSES[dataset]) != tuple(m.classes):
+        raise SystemExit(f"bundle classes {m.classes} do not match dataset {dataset} classes {CLASSES[dataset]}")
+    x = torch.from_numpy(load_images(records, m.input)).permute(0, 3, 1, 2).float() / 255
+    labels = np.array([r.label for r in records])
+    net = load_aegis(bundle)
+    thresholds = np.array([m.thresholds[c] for c in m.classes])
+    specs = attack_suite(torch.from_numpy(thresholds).float(), steps=args.steps)
+    if args.attacks != "all":
+        wanted = set(args.attacks.split(","))
+        specs = [s for s in specs if s.name in wanted]
+    report = {"clean": clean_metrics(net, x, labels, bundle.cushion, thresholds),
+              "attacks": attack_metrics(net, x, labels, bundle.cushion, thresholds, specs, args.images)}
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
