@@ -271,9 +271,7 @@ def train_shields(cfg: TrainConfig, net: AegisNet, splits: dict[str, Split], cus
             x, y = x.to(rt.device), y.to(rt.device)
             offset = torch.randint(1, num_classes, y.shape, generator=generator).to(rt.device)
             target = (y + offset) % num_classes  # any class but the true one
-            trainer.eval()
-            adv = pgd(net, x, target, objective, attack, cushion=cushion)
-            trainer.train()
+            adv = pgd(net, x, target, objective, attack, cushion=cushion)  # sees the current Shields
             with torch.no_grad():
                 _, clean_taps = net.classifier.forward_with_taps(exact_cushion(x, cushion))
                 adv_logits, adv_taps = net.classifier.forward_with_taps(exact_cushion(adv.x_adv, cushion))

@@ -35,7 +35,6 @@ class Objective:
     """
 
     thresholds: Tensor | None = None
-    uses_shield = False
 
     def label_loss(self, logits: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(logits, target, reduction="none")
@@ -69,8 +68,6 @@ class CWObjective(Objective):
 class ShieldOnlyObjective(Objective):
     """The paper's literal J_shield = -S^t (§3): raise the target Shield's clean logit, no label term."""
 
-    uses_shield = True
-
     def label_loss(self, logits: Tensor, target: Tensor) -> Tensor:
         return torch.zeros(logits.shape[0], device=logits.device)
 
@@ -87,7 +84,6 @@ class WhiteBoxObjective(CWObjective):
     thresholds.
     """
 
-    uses_shield = True
     margin: float | None = None
 
     def detector_loss(self, shield_logits: Tensor | None, target: Tensor) -> Tensor:
