@@ -8,7 +8,8 @@ Re-evaluate an existing bundle (the figures in its model card come from this):
 
 Per attack it reports, over `attempted` = correctly classified test images (`attacks-reference.md` §5.5):
 `asr_label` (reach the target class), `auroc` and `tpr_at_90tnr` / `tpr_at_95tnr` (clean = every correctly classified
-test image, adversarial = the attacks that reached their target; score = -Shield logit of the routed class),
+test image, adversarial = the attacks that reached their target; score = how far the routed class's Shield logit
+falls below that class's threshold, so that the Shields of different classes share one scale),
 `rejected_of_successful` (share of label-successful attacks the thresholds reject) and `bypass_rate`
 (reach the target AND accepted, over attempted: the end-to-end security figure).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +48,8 @@ def attack_suite(thresholds: Tensor, steps: int = 100, kappa: float = 10.0) -> l
     alpha = 2 / 256
     wb = WhiteBoxObjective(thresholds=thresholds, kappa=kappa)
     return [
-        AttackSpec("pgd20", Objective(thresholds=thresholds), PGDConfig(eps=EPS, steps=20),
+        # No thresholds: this attacker ignores the Shield, also when it picks its best iterate.
+        AttackSpec("pgd20", Objective(), PGDConfig(eps=EPS, steps=20),
                    "targeted PGD-L∞ (CE), 20 steps, step 2.5ε/20, random start; ignores the Shield"),
         AttackSpec(f"wb{steps}", wb, PGDConfig(eps=EPS, steps=steps, step_size=alpha),
                    f"WB: minimise -S^t + J_cw (κ={kappa}), {steps} steps, step 2/256, random start"),
@@ -71,9 +74,12 @@ def predict(net: AegisNet, x: Tensor, cushion, batch: int = 256) -> tuple[np.nda
     return np.concatenate(logits), np.concatenate(shields)
 
 
-def routed_scores(logits: np.ndarray, shield_logits: np.ndarray, classes: np.ndarray) -> np.ndarray:
-    """Detection score (high = adversarial): minus the Shield logit of `classes` (the predicted / target class)."""
-    return -shield_logits[np.arange(len(classes)), classes]
+def routed_scores(shield_logits: np.ndarray, classes: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Detection score (high = adversarial): threshold minus Shield logit of `classes` (predicted / target class).
+
+    Relative to each class's threshold, so pooled AUROC / TPR compare like with like and a score > 0 is a rejection.
+    """
+    return thresholds[classes] - shield_logits[np.arange(len(classes)), classes]
 
 
 def clean_metrics(net: AegisNet, x: Tensor, labels: np.ndarray, cushion, thresholds: np.ndarray) -> dict:
@@ -102,7 +108,7 @@ def attack_metrics(net: AegisNet, x: Tensor, labels: np.ndarray, cushion, thresh
     logits, shields = predict(net, x, cushion)
     pred = logits.argmax(1)
     correct = np.flatnonzero(pred == labels)
-    clean_scores = routed_scores(logits[correct], shields[correct], pred[correct])
+    clean_scores = routed_scores(shields[correct], pred[correct], thresholds)
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.permutation(correct)[:images])
     num_classes = logits.shape[1]
@@ -120,8 +126,8 @@ def attack_metrics(net: AegisNet, x: Tensor, labels: np.ndarray, cushion, thresh
         linf = float((adv - x[chosen]).abs().flatten(1).max(1).values.max())
         adv_logits, adv_shields = predict(net, adv, cushion)  # re-judged from the returned uint8 images
         reached = adv_logits.argmax(1) == targets
-        adv_scores = routed_scores(adv_logits, adv_shields, targets)
-        accepted = -adv_scores >= thresholds[targets]
+        adv_scores = routed_scores(adv_shields, targets, thresholds)
+        accepted = adv_scores <= 0
         successful_scores = adv_scores[reached]
         tpr90, tnr90 = tpr_at_tnr(clean_scores, successful_scores, 0.90)
         tpr95, tnr95 = tpr_at_tnr(clean_scores, successful_scores, 0.95)
@@ -151,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attacks", default="all", help="comma-separated names from the suite, or all")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--write", action="store_true",
+                        help="store the figures in the bundle (manifest metrics + model card) and re-hash it")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -180,6 +188,16 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.json:
         args.json.write_text(text + "\n")
+    if args.write:
+        from models.bundle import CARD_FILE, write_manifest
+        from training.export import model_card
+
+        command = shlex.join(["python", "-m", "training.evaluate", *(sys.argv[1:] if argv is None else argv)])
+        metrics = {**m.metrics, **report, "evaluation_command": command}
+        manifest = m.model_copy(update={"metrics": metrics})
+        (bundle.root / CARD_FILE).write_text(model_card(manifest, metrics, metrics.get("command", "")),
+                                             encoding="utf-8")
+        write_manifest(bundle.root, manifest)
     return 0
 
 

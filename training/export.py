@@ -83,7 +83,8 @@ def export_onnx(net: AegisNet, spec: InputSpec, path: Path, rtol: float = 1e-4) 
     return diff
 
 
-def calibrate(net: AegisNet, x_val: torch.Tensor, cushion, classes: tuple[str, ...], rate: float):
+def calibrate(net: AegisNet, x_val: torch.Tensor, labels: np.ndarray, cushion, classes: tuple[str, ...],
+              rate: float):
     """Per-class thresholds on clean validation images routed (by prediction) to each Shield."""
     from training.evaluate import predict
 
@@ -92,6 +93,10 @@ def calibrate(net: AegisNet, x_val: torch.Tensor, cushion, classes: tuple[str, .
     thresholds, counts = {}, {}
     for k, name in enumerate(classes):
         routed = shields[pred == k, k]
+        if len(routed) == 0:  # no validation image predicted as k: calibrate on those labelled k instead
+            log.warning("no validation image is predicted as %s; calibrating its Shield on the %s-labelled ones",
+                        name, name)
+            routed = shields[labels == k, k]
         counts[name] = int(len(routed))
         thresholds[name] = shield_threshold(routed, rate)
     return thresholds, counts
@@ -158,7 +163,8 @@ classified clean test images):
 |---|---|---|---|---|---|---|---|
 {rows}
 
-Produced by `{command}`; re-measure with `python -m training.evaluate --bundle <this folder>`.
+Trained by `{command}`{f"; figures measured by `{metrics['evaluation_command']}`" if metrics.get("evaluation_command") else ""};
+re-measure with `python -m training.evaluate --bundle <this folder>`.
 
 ## Limits
 - White-box attacks with more steps, restarts, differentiable-JPEG BPDA or other objectives may do better than the
@@ -181,7 +187,8 @@ def finish_bundle(cfg: TrainConfig, net: AegisNet, splits: dict, data_info: dict
     classes = CLASSES[cfg.dataset]
     cushion = parse_cushion(cfg.cushion)
     spec = InputSpec(channels=cfg.channels, height=cfg.image_size, width=cfg.image_size)
-    thresholds, counts = calibrate(net, splits["val"].tensor(), cushion, classes, cfg.clean_rejection_rate)
+    thresholds, counts = calibrate(net, splits["val"].tensor(), splits["val"].labels, cushion, classes,
+                                   cfg.clean_rejection_rate)
     log.info("thresholds %s on %s validation images", thresholds, counts)
     threshold_array = np.array([thresholds[c] for c in classes])
     x_test, y_test = splits["test"].tensor(), splits["test"].labels

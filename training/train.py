@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(cfg.seed)
     if rt.main:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        (out / "command.txt").write_text(shlex.join([sys.executable, "-m", "training.train", *(argv or sys.argv[1:])])
+        (out / "command.txt").write_text(shlex.join(["python", "-m", "training.train", *(argv or sys.argv[1:])])
                                          + "\n")
     log.info("config: %s", json.dumps(cfg.to_dict()))
     log.info("world size %d, device %s", rt.world, rt.device)

@@ -123,14 +123,15 @@ def test_shield_objective_raises_the_target_shield_logit(small_net, batch):
 
 def test_white_box_attack_buys_shield_logit_that_a_label_only_attack_does_not(small_net, batch):
     x, _, target = batch
+    # No Cushion: the untrained Shield's logit moves by ~1e-3, below the noise of BPDA through JPEG.
     config = PGDConfig(eps=EPS, steps=30)
     torch.manual_seed(0)
-    wb = pgd(small_net, x, target, WhiteBoxObjective(kappa=0), config, cushion=JpegCushion())
+    wb = pgd(small_net, x, target, WhiteBoxObjective(kappa=0), config)
     torch.manual_seed(0)
-    label_only = pgd(small_net, x, target, CWObjective(kappa=0), config, cushion=JpegCushion())
+    label_only = pgd(small_net, x, target, CWObjective(kappa=0), config)
     with torch.no_grad():
-        logits, wb_shields = small_net(through_cushion(wb.x_adv, JpegCushion()))
-        _, cw_shields = small_net(through_cushion(label_only.x_adv, JpegCushion()))
+        logits, wb_shields = small_net(wb.x_adv)
+        _, cw_shields = small_net(label_only.x_adv)
     assert target_shield(wb_shields, target).mean() > target_shield(cw_shields, target).mean()
     assert (logits.argmax(1) == target).float().mean() >= 0.8
 

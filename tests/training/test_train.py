@@ -105,12 +105,13 @@ def test_briefly_trained_shield_separates_clean_from_attacked(small_net, xray_da
     net.eval()
     cushion = JpegCushion()
     logits, shields = predict(net, x_test, cushion)
-    clean_scores = routed_scores(logits, shields, logits.argmax(1))
+    zero = np.zeros(2)
+    clean_scores = routed_scores(shields, logits.argmax(1), zero)
     target = 1 - y_test
     adv = pgd(net, x_test, target, Objective(), PGDConfig(eps=16 / 256, steps=10), cushion=cushion).x_adv
     adv_logits, adv_shields = predict(net, adv, cushion)
     reached = adv_logits.argmax(1) == target.numpy()
-    adv_scores = routed_scores(adv_logits, adv_shields, target.numpy())[reached]
+    adv_scores = routed_scores(adv_shields, target.numpy(), zero)[reached]
     assert reached.mean() > 0.5
     assert auroc(clean_scores, adv_scores) > 0.75
     assert history["shield"][-1]["adv_reject"] > 0.5

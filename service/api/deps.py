@@ -1,0 +1,27 @@
+"""`Annotated` dependency aliases so that route signatures read as plain typed parameters."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from service.errors import NotReady
+from service.security import require_api_key
+from service.state import ServiceState
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.aegis
+
+
+def get_ready_state(request: Request) -> ServiceState:
+    state: ServiceState = request.app.state.aegis
+    if not state.ready or state.pipeline is None or state.batcher is None:
+        raise NotReady("the model is not loaded and warmed up yet")
+    return state
+
+
+StateDep = Annotated[ServiceState, Depends(get_state)]
+ReadyStateDep = Annotated[ServiceState, Depends(get_ready_state)]
+ApiKeyDep = Annotated[None, Depends(require_api_key)]

@@ -1,0 +1,283 @@
+"""Benchmark: raw ONNX Runtime limit, defence cost, service throughput/latency, and a naive endpoint for comparison.
+
+Prints figures; it is not a timed test. Run on the machine whose figures you report, and quote the command:
+
+    .venv/bin/python -m service.bench --bundle models/default --seconds 5
+    .venv/bin/python -m service.bench --bundle models/default --device cuda      # with the gpu extra on a GPU
+
+1. raw ORT: images/s of the bundle's graph on pre-Cushioned inputs at batch 1..64; the best is the limit.
+2. defence cost: Cushion (per image, one core) and the full graph (classifier + Shields) against the classifier-only
+   subgraph (`logits` only, cut with `onnx.utils.extract_model`; needs the `onnx` package, from the train extra).
+3. service: `python -m service` in a subprocess, driven by an httpx client at concurrency 1, 8 and 32 (raw PNG bodies);
+   throughput and p50/p95/p99 latency. The client shares the machine's cores with the server.
+4. naive: the same decode -> prepare -> Cushion -> ORT -> decision done inline per request (batch 1, blocking the event
+   loop), the way a first version usually looks; same client, same concurrency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import glob
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, Request
+
+from models.bundle import Bundle, load_bundle
+from models.imaging import prepare_image
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_IMAGES = [str(REPO / "samples" / "*.png"),
+                  str(REPO.parent / "shared" / "data" / "kermany-pneumonia" / "test" / "*" / "*.png")]
+
+
+def _session(path: Path, device: str, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    session = ort.InferenceSession(str(path), options, providers=providers)
+    return session
+
+
+def _throughput(session, outputs: list[str], batch: np.ndarray, seconds: float) -> float:
+    session.run(outputs, {"image": batch})
+    n, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        session.run(outputs, {"image": batch})
+        n += len(batch)
+    return n / (time.perf_counter() - started)
+
+
+def _inputs(bundle: Bundle, images: list[bytes], size: int) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    rows = []
+    for i in range(size):
+        u = bundle.cushion(prepare_image(Image.open(io.BytesIO(images[i % len(images)])), bundle.manifest.input))
+        rows.append(u.transpose(2, 0, 1).astype(np.float32) / 255)
+    return np.stack(rows)
+
+
+def raw_ort(bundle: Bundle, images: list[bytes], device: str, threads: int, seconds: float) -> dict[int, float]:
+    session = _session(bundle.onnx_path, device, threads)
+    print(f"provider: {session.get_providers()[0]}")
+    return {bs: _throughput(session, ["logits", "shield_logits"], _inputs(bundle, images, bs), seconds)
+            for bs in (1, 2, 4, 8, 16, 32, 64)}
+
+
+def defence_cost(bundle: Bundle, images: list[bytes], device: str, threads: int, seconds: float,
+                 batch_size: int) -> dict:
+    import io
+
+    from PIL import Image
+
+    decoded = [Image.open(io.BytesIO(b)) for b in images]
+    for image in decoded:
+        image.load()
+    prepared = [prepare_image(image, bundle.manifest.input) for image in decoded]
+    started, n = time.perf_counter(), 0
+    while time.perf_counter() - started < seconds:
+        bundle.cushion(prepared[n % len(prepared)])
+        n += 1
+    cushion_seconds = (time.perf_counter() - started) / n
+    batch = _inputs(bundle, images, batch_size)
+    full = _throughput(_session(bundle.onnx_path, device, threads), ["logits", "shield_logits"], batch, seconds)
+    result = {"cushion_seconds_per_image": cushion_seconds, "full_graph_images_per_second": full,
+              "batch_size": batch_size}
+    try:
+        import onnx.utils
+    except ImportError:
+        result["classifier_only"] = "n/a (install onnx to cut the classifier-only subgraph)"
+        return result
+    with tempfile.TemporaryDirectory() as tmp:
+        cut = Path(tmp) / "classifier.onnx"
+        onnx.utils.extract_model(str(bundle.onnx_path), str(cut), ["image"], ["logits"])
+        classifier = _throughput(_session(cut, device, threads), ["logits"], batch, seconds)
+    per_image_defended = 1 / full + cushion_seconds
+    result.update(classifier_only_images_per_second=classifier,
+                  shield_overhead=classifier / full - 1,
+                  cushion_plus_shield_overhead=per_image_defended * classifier - 1)
+    return result
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, *args, "--port", str(port)], cwd=REPO, env={**os.environ, **env},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server {args} exited with {process.returncode}")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                return process, base
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("server did not become ready")
+
+
+async def _load(base: str, path: str, images: list[bytes], concurrency: int, seconds: float) -> dict:
+    """`concurrency` closed-loop clients; httpx's pool slows down past ~8 connections per client, so the workers are
+    spread over one AsyncClient per 4 connections (otherwise the load generator, not the server, is measured)."""
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    n_clients = max(1, -(-concurrency // 4))
+    clients = [httpx.AsyncClient(base_url=base, timeout=60, limits=httpx.Limits(max_connections=4))
+               for _ in range(n_clients)]
+
+    async def worker(w: int, until: float, record: bool):
+        nonlocal errors
+        client, i = clients[w % n_clients], w
+        while time.perf_counter() < until:
+            t0 = time.perf_counter()
+            r = await client.post(path, content=images[i % len(images)], headers={"content-type": "image/png"})
+            if record:
+                if r.status_code == 200:
+                    latencies.append(time.perf_counter() - t0)
+                else:
+                    errors += 1
+            i += concurrency
+
+    try:
+        await asyncio.gather(*(worker(w, time.perf_counter() + 1.0, False) for w in range(concurrency)))  # warm-up
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(w, started + seconds, True) for w in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    finally:
+        for client in clients:
+            await client.aclose()
+    q = np.percentile(latencies, [50, 95, 99]) if latencies else [float("nan")] * 3
+    return {"concurrency": concurrency, "requests_per_second": len(latencies) / elapsed, "p50_ms": q[0] * 1e3,
+            "p95_ms": q[1] * 1e3, "p99_ms": q[2] * 1e3, "errors": errors}
+
+
+def naive_app(bundle_dir: str | None):
+    """Everything inline per request, batch 1, blocking the event loop: the comparison point."""
+    import io
+
+    from PIL import Image
+
+    bundle = load_bundle(bundle_dir)
+    session = _session(bundle.onnx_path, os.environ.get("AEGIS_DEVICE", "cpu"),
+                       int(os.environ.get("AEGIS_INTRA_OP_THREADS", "0")))
+    m = bundle.manifest
+    app = FastAPI()
+
+    @app.get("/readyz")
+    async def ready():
+        return {"status": "ready"}
+
+    @app.post("/naive")
+    async def naive(request: Request):
+        image = Image.open(io.BytesIO(await request.body()))
+        u = bundle.cushion(prepare_image(image, m.input))
+        logits, shield = session.run(["logits", "shield_logits"],
+                                     {"image": u.transpose(2, 0, 1)[None].astype(np.float32) / 255})
+        k = int(np.argmax(logits[0]))
+        return {"diagnosis": m.classes[k],
+                "decision": "accept" if shield[0, k] >= m.thresholds[m.classes[k]] else "reject"}
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", default=None, help="bundle folder (default: the embedded default bundle)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0 = all cores)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="measuring time per figure")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-batch-wait-seconds", type=float, default=0.002)
+    parser.add_argument("--images", nargs="+", default=DEFAULT_IMAGES, help="PNG globs (first 256 files)")
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
+    parser.add_argument("--skip-http", action="store_true", help="only the in-process ORT and defence figures")
+    parser.add_argument("--serve-naive", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.serve_naive:
+        import uvicorn
+
+        uvicorn.run(naive_app(args.bundle), host="127.0.0.1", port=args.port, log_level="warning")
+        return 0
+
+    files = sorted({f for pattern in args.images for f in glob.glob(pattern)})[:256]
+    if not files:
+        parser.error(f"no images match {args.images}")
+    images = [Path(f).read_bytes() for f in files]
+    bundle = load_bundle(args.bundle)
+    figures: dict = {"bundle": f"{bundle.manifest.name} {bundle.manifest.version}", "images": len(images),
+                     "input": bundle.manifest.input.model_dump(), "cpu_count": os.cpu_count(),
+                     "machine": platform.platform(), "command": " ".join(["python -m service.bench", *sys.argv[1:]])}
+    print(json.dumps({k: figures[k] for k in ("bundle", "input", "images", "cpu_count")}))
+
+    raw = raw_ort(bundle, images, args.device, args.threads, args.seconds)
+    best = max(raw, key=raw.get)
+    figures["raw_ort_images_per_second"] = raw
+    figures["raw_ort_best"] = {"batch_size": best, "images_per_second": raw[best]}
+    for bs, rate in raw.items():
+        print(f"raw ORT batch {bs:3d}: {rate:10.1f} images/s" + ("   <- limit" if bs == best else ""))
+    cost = defence_cost(bundle, images, args.device, args.threads, args.seconds, best)
+    figures["defence_cost"] = cost
+    print("defence cost:", json.dumps(cost))
+
+    if not args.skip_http:
+        env = {"AEGIS_AUTH_DISABLED": "true", "AEGIS_LOG_LEVEL": "WARNING", "AEGIS_DEVICE": args.device,
+               "AEGIS_INTRA_OP_THREADS": str(args.threads), "AEGIS_MAX_BATCH_SIZE": str(args.max_batch_size),
+               "AEGIS_MAX_BATCH_WAIT_SECONDS": str(args.max_batch_wait_seconds)}
+        bundle_args = ["--bundle", str(bundle.root)]
+        for name, cmd, path in (("service", ["-m", "service", *bundle_args], "/v1/diagnose"),
+                                ("naive", ["-m", "service.bench", "--serve-naive", *bundle_args], "/naive")):
+            process, base = _start(cmd, env)
+            try:
+                rows = [asyncio.run(_load(base, path, images, c, args.seconds)) for c in args.concurrency]
+            finally:
+                process.terminate()
+                process.wait(60)
+            figures[name] = rows
+            for row in rows:
+                print(f"{name:8s} c={row['concurrency']:3d}: {row['requests_per_second']:8.1f} req/s  "
+                      f"p50 {row['p50_ms']:7.1f} ms  p95 {row['p95_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  "
+                      f"errors {row['errors']}")
+        top = {row["concurrency"]: row["requests_per_second"] for row in figures["service"]}
+        naive = {row["concurrency"]: row["requests_per_second"] for row in figures["naive"]}
+        c = max(top)
+        figures["summary"] = {
+            f"service_vs_raw_ort_at_c{c}": top[c] / raw[best],
+            f"service_vs_naive_at_c{c}": top[c] / naive[c] if naive.get(c) else None,
+        }
+        print("summary:", json.dumps(figures["summary"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2, default=float) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Service settings from `AEGIS_*` environment variables (pydantic-settings); never read at import time.
+
+`create_app(settings)` takes a `Settings` so that tests never touch the process environment. Environment variables:
+
+    AEGIS_BUNDLE_DIR                 bundle folder (default: the embedded bundle at models/default)
+    AEGIS_DEVICE                     cpu | cuda (ONNX Runtime execution provider)
+    AEGIS_ON_MISSING_CUDA            fail | warn: what a service configured for cuda does when only CPU is available
+    AEGIS_INTRA_OP_THREADS           ONNX Runtime intra-op threads (0 = ONNX Runtime's default, all cores)
+    AEGIS_PREPROCESS_THREADS         threads that decode and Cushion requests (0 = the CPU count)
+    AEGIS_MAX_BATCH_SIZE             largest micro-batch sent to ONNX Runtime in one call
+    AEGIS_MAX_BATCH_WAIT_SECONDS     how long the first request of a batch waits for company
+    AEGIS_MAX_QUEUE                  requests waiting for a batch before new ones get 503 + Retry-After
+    AEGIS_REQUEST_TIMEOUT_SECONDS    per-request budget from the first byte; 503 + Retry-After when it runs out
+    AEGIS_MAX_UPLOAD_BYTES           request body limit (413), sized for real DICOM files
+    AEGIS_MAX_PIXELS                 decoded image limit (413): the decompression-bomb guard
+    AEGIS_API_KEYS                   comma-separated API keys (or a JSON list)
+    AEGIS_API_KEYS_FILE              a file with one API key per line (# comments allowed)
+    AEGIS_AUTH_DISABLED              true to serve without API keys (local use only; must be explicit)
+    AEGIS_DRAIN_SECONDS              after SIGTERM: seconds /readyz answers 503 while traffic still flows
+    AEGIS_LOG_LEVEL                  DEBUG | INFO | WARNING | ERROR
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MiB = 1 << 20
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AEGIS_", extra="ignore", env_ignore_empty=True, frozen=True)
+
+    bundle_dir: Path | None = Field(None, description="bundle folder; None = the embedded default bundle")
+    device: Literal["cpu", "cuda"] = "cpu"
+    on_missing_cuda: Literal["fail", "warn"] = Field(
+        "fail", description="device=cuda but only the CPU provider is available: refuse to start, or warn and use CPU")
+    intra_op_threads: int = Field(0, ge=0, le=256)
+    preprocess_threads: int = Field(0, ge=0, le=256, description="decode + Cushion threads (0 = CPU count)")
+
+    max_batch_size: int = Field(32, ge=1, le=1024)
+    max_batch_wait_seconds: float = Field(0.002, ge=0.0, le=1.0)
+    max_queue: int = Field(512, ge=1)
+    request_timeout_seconds: float = Field(30.0, gt=0.0)
+    retry_after_seconds: int = Field(1, ge=1, description="Retry-After sent with 503 overload answers")
+
+    max_upload_bytes: int = Field(64 * MiB, ge=1024, description="a chest CR/DX DICOM is typically 5-30 MiB")
+    max_pixels: int = Field(50_000_000, ge=1, description="width x height (x frames) of a decoded image")
+
+    api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    api_keys_file: Path | None = None
+    auth_disabled: bool = False
+
+    drain_seconds: float = Field(0.0, ge=0.0, le=600.0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value):
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return tuple(json.loads(text))
+            return tuple(k.strip() for k in text.split(",") if k.strip())
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value):
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _auth_is_explicit(self) -> Settings:
+        if not self.auth_disabled and not self.api_keys and self.api_keys_file is None:
+            raise ValueError("no API keys configured: set AEGIS_API_KEYS or AEGIS_API_KEYS_FILE, "
+                             "or AEGIS_AUTH_DISABLED=true for local use without authentication")
+        if self.api_keys_file is not None and not self.api_keys_file.is_file():
+            raise ValueError(f"AEGIS_API_KEYS_FILE {self.api_keys_file} is not a file")
+        if not self.auth_disabled and not self.all_api_keys():
+            raise ValueError(f"AEGIS_API_KEYS_FILE {self.api_keys_file} holds no key and AEGIS_API_KEYS is empty")
+        return self
+
+    def all_api_keys(self) -> tuple[bytes, ...]:
+        """Every accepted key (environment and file), as bytes for `hmac.compare_digest`."""
+        keys = [k.get_secret_value() for k in self.api_keys]
+        if self.api_keys_file is not None:
+            for line in self.api_keys_file.read_text(encoding="utf-8").splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    keys.append(line)
+        return tuple(k.encode("utf-8") for k in keys if k)

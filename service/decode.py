@@ -1,0 +1,251 @@
+"""Bytes -> a decoded image, by magic bytes (PNG, JPEG, DICOM Part 10), with size guards and clear refusals.
+
+The format is sniffed from the bytes, never trusted from a file name; a declared content type that contradicts the
+bytes is refused (415). Outputs are 8-bit Pillow images for `models.imaging.prepare_image`; 8-bit PNG/JPEG images
+are passed on as decoded, so the service sees exactly the pixels that `PIL.Image.open` gives the offline pipeline.
+
+Conversions to 8 bits:
+- 16-bit PNG (`I;16`, `I`): linear, 0..65535 -> 0..255 (round half up).
+- DICOM grayscale: stored values -> Modality LUT (Rescale Slope/Intercept or LUT) -> VOI (the first Window
+  Center/Width, LINEAR / LINEAR_EXACT / SIGMOID, or a VOI LUT) mapped from its output range onto 0..255. Without a VOI,
+  8-bit unsigned data without rescale is kept as is and anything else is min-max scaled. MONOCHROME1 is inverted
+  (high = white) so that the model always sees MONOCHROME2. Colour DICOM (RGB, YBR) is converted to RGB.
+- Multi-frame DICOM is refused (422): send one frame.
+
+Error messages about DICOM never quote element values: they could contain patient data.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+from service.errors import TooManyPixels, UndecodableImage, UnsupportedImage, UnsupportedMediaType
+
+ImageFormat = Literal["png", "jpeg", "dicom"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+DICOM_MAGIC_OFFSET, DICOM_MAGIC = 128, b"DICM"
+
+MEDIA_TYPES: dict[str, ImageFormat] = {
+    "image/png": "png",
+    "image/jpeg": "jpeg",
+    "image/jpg": "jpeg",
+    "application/dicom": "dicom",
+}
+GENERIC_MEDIA_TYPES = frozenset({"", "application/octet-stream"})
+EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"})
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    image: Image.Image  # an 8-bit Pillow mode; `prepare_image` converts it to L or RGB
+    format: ImageFormat
+    width: int
+    height: int
+
+
+def sniff(data: bytes) -> ImageFormat | None:
+    if data.startswith(PNG_MAGIC):
+        return "png"
+    if data.startswith(JPEG_MAGIC):
+        return "jpeg"
+    if data[DICOM_MAGIC_OFFSET:DICOM_MAGIC_OFFSET + 4] == DICOM_MAGIC:
+        return "dicom"
+    return None
+
+
+def check_media_type(media_type: str | None) -> ImageFormat | None:
+    """The format a declared media type promises (None for a generic type); 415 for anything else."""
+    media = (media_type or "").split(";")[0].strip().lower()
+    if media in GENERIC_MEDIA_TYPES:
+        return None
+    if media not in MEDIA_TYPES:
+        raise UnsupportedMediaType(f"content type {media!r} is not accepted; send image/png, image/jpeg or "
+                                   "application/dicom (raw body or multipart field 'file')")
+    return MEDIA_TYPES[media]
+
+
+def decode_image(data: bytes, media_type: str | None = None, max_pixels: int = 50_000_000) -> DecodedImage:
+    """Decode `data`; raises the `service.errors` domain errors (413/415/422) for anything it cannot accept."""
+    declared = check_media_type(media_type)
+    if not data:
+        raise UndecodableImage("the image is empty (0 bytes)")
+    found = sniff(data)
+    if found is None:
+        raise UnsupportedMediaType("unrecognised image bytes: expected PNG, JPEG or DICOM Part 10 (with the 128-byte "
+                                   "preamble and 'DICM')")
+    if declared is not None and declared != found:
+        raise UnsupportedMediaType(f"content type says {declared} but the bytes are {found}")
+    if found == "dicom":
+        return _decode_dicom(data, max_pixels)
+    return _decode_pillow(data, found, max_pixels)
+
+
+def _check_pixels(width: int, height: int, max_pixels: int, frames: int = 1) -> None:
+    if width <= 0 or height <= 0:
+        raise UndecodableImage(f"invalid image size {width} x {height}")
+    if width * height * frames > max_pixels:
+        raise TooManyPixels(f"image of {width} x {height}" + (f" x {frames} frames" if frames > 1 else "")
+                            + f" pixels exceeds the limit of {max_pixels} pixels")
+
+
+def _decode_pillow(data: bytes, fmt: ImageFormat, max_pixels: int) -> DecodedImage:
+    name = fmt.upper()
+    try:
+        image = Image.open(io.BytesIO(data), formats=[name])
+        # the header gives the size before any pixel is decoded: the decompression-bomb guard
+        _check_pixels(image.width, image.height, max_pixels)
+        image.load()
+    except (TooManyPixels, UndecodableImage):
+        raise
+    except Image.DecompressionBombError as error:
+        raise TooManyPixels(f"{name} rejected as a decompression bomb: {error}") from None
+    except Exception as error:  # noqa: BLE001 - any Pillow failure on untrusted bytes is the client's bad input
+        raise UndecodableImage(f"could not decode the {name} image: {type(error).__name__}: {error}") from None
+    return DecodedImage(_to_8bit(image, name), fmt, image.width, image.height)
+
+
+def _to_8bit(image: Image.Image, name: str) -> Image.Image:
+    """16-bit and 32-bit integer images -> 8-bit `L`; every 8-bit mode is passed on untouched (see module doc)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        array = np.asarray(image).astype(np.float64)
+        if array.size and (array.min() < 0 or array.max() > 65535):
+            raise UnsupportedImage(f"{name} integer pixels outside 0..65535 are not supported")
+        return Image.fromarray(_round_uint8(array * (255.0 / 65535.0)), mode="L")
+    if image.mode not in EIGHT_BIT_MODES:
+        raise UnsupportedImage(f"{name} image mode {image.mode} is not supported")
+    return image
+
+
+def _round_uint8(values: np.ndarray) -> np.ndarray:
+    return np.floor(np.clip(values, 0.0, 255.0) + 0.5).astype(np.uint8)
+
+
+# --- DICOM ------------------------------------------------------------------------------------------------------------
+
+def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=False)
+    except InvalidDicomError:
+        raise UndecodableImage("not a valid DICOM Part 10 file") from None
+    except Exception as error:  # noqa: BLE001 - never quote pydicom's message: it may carry element values
+        raise UndecodableImage(f"could not parse the DICOM file ({type(error).__name__})") from None
+    try:
+        return _dicom_image(ds, max_pixels)
+    except (TooManyPixels, UndecodableImage, UnsupportedImage, UnsupportedMediaType):
+        raise
+    except Exception as error:  # noqa: BLE001
+        raise UndecodableImage(f"could not decode the DICOM pixel data ({type(error).__name__})") from None
+
+
+def _dicom_int(ds, keyword: str, default: int | None = None) -> int:
+    value = ds.get(keyword, default)
+    if value is None:
+        raise UndecodableImage(f"DICOM attribute {keyword} is missing")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise UndecodableImage(f"DICOM attribute {keyword} is not an integer") from None
+
+
+def _dicom_image(ds, max_pixels: int) -> DecodedImage:
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise UndecodableImage("the DICOM file has no pixel data")
+    rows, columns = _dicom_int(ds, "Rows"), _dicom_int(ds, "Columns")
+    frames = _dicom_int(ds, "NumberOfFrames", 1)
+    _check_pixels(columns, rows, max_pixels, max(frames, 1))
+    if frames > 1:
+        raise UnsupportedImage(f"multi-frame DICOM ({frames} frames) is not supported: send a single frame")
+    _check_transfer_syntax(ds)
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    samples = _dicom_int(ds, "SamplesPerPixel", 1)
+    if photometric in ("MONOCHROME1", "MONOCHROME2") and samples == 1:
+        return DecodedImage(Image.fromarray(_dicom_gray(ds, photometric), mode="L"), "dicom", columns, rows)
+    if samples == 3 and photometric in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"):
+        array = ds.pixel_array  # pydicom converts YBR to RGB
+        if array.dtype != np.uint8:
+            array = _round_uint8(_scale(array.astype(np.float64), 0.0, float(2 ** _dicom_int(ds, "BitsStored") - 1)))
+        return DecodedImage(Image.fromarray(np.ascontiguousarray(array), mode="RGB"), "dicom", columns, rows)
+    if photometric == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        rgb = apply_color_lut(ds.pixel_array, ds)
+        depth = 8 if rgb.dtype == np.uint8 else 16
+        rgb = _round_uint8(_scale(rgb.astype(np.float64), 0.0, float(2 ** depth - 1)))
+        return DecodedImage(Image.fromarray(rgb, mode="RGB"), "dicom", columns, rows)
+    raise UnsupportedImage(f"DICOM photometric interpretation {photometric or '(missing)'} with {samples} samples "
+                           "per pixel is not supported")
+
+
+def _check_transfer_syntax(ds) -> None:
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import UID
+
+    meta = getattr(ds, "file_meta", None)
+    uid = UID(str(meta.get("TransferSyntaxUID", ""))) if meta is not None else UID("")
+    if not uid:
+        raise UndecodableImage("the DICOM file meta has no Transfer Syntax UID")
+    try:
+        decoder = get_decoder(uid)
+    except NotImplementedError:
+        raise UnsupportedMediaType(f"DICOM transfer syntax {uid} ({uid.name}) has no pixel data decoder") from None
+    if not decoder.is_available:
+        raise UnsupportedMediaType(
+            f"DICOM transfer syntax {uid} ({uid.name}) is compressed and no decoder plugin for it is installed "
+            "(install pylibjpeg with pylibjpeg-libjpeg / pylibjpeg-openjpeg, or python-gdcm), or send uncompressed "
+            "or JPEG-baseline DICOM")
+
+
+def _scale(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    if not np.isfinite(values).all():
+        raise UndecodableImage("the DICOM pixel data contains NaN or infinite values")
+    if high <= low:
+        return np.zeros_like(values)
+    return (values - low) * (255.0 / (high - low))
+
+
+def _window_range(ds) -> tuple[float, float]:
+    """The output range of pydicom's `apply_windowing` (DICOM PS3.3 C.11.2.1.2: the modality output range)."""
+    bits = _dicom_int(ds, "BitsStored")
+    if ds.get("ModalityLUTSequence"):
+        low, high = 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
+    elif _dicom_int(ds, "PixelRepresentation", 0) == 0:
+        low, high = 0.0, float(2 ** bits - 1)
+    else:
+        low, high = float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if slope is not None and intercept is not None and not ds.get("ModalityLUTSequence"):
+        low, high = sorted((low * float(slope) + float(intercept), high * float(slope) + float(intercept)))
+    return low, high
+
+
+def _dicom_gray(ds, photometric: str) -> np.ndarray:
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    stored = ds.pixel_array
+    if stored.ndim != 2:
+        raise UnsupportedImage(f"expected one 2-D grayscale frame, got pixel array of shape {stored.shape}")
+    values = apply_modality_lut(stored, ds)
+    rescaled = values is not stored and ("RescaleSlope" in ds or "ModalityLUTSequence" in ds)
+    if ds.get("VOILUTSequence"):
+        out = apply_voi_lut(values, ds, prefer_lut=True).astype(np.float64)
+        depth = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        scaled = _scale(out, 0.0, float(2 ** depth - 1))
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        low, high = _window_range(ds)
+        scaled = _scale(apply_voi_lut(values, ds, prefer_lut=False).astype(np.float64), low, high)
+    elif stored.dtype == np.uint8 and not rescaled:
+        scaled = stored.astype(np.float64)
+    else:
+        values = values.astype(np.float64)
+        scaled = _scale(values, float(values.min()), float(values.max()))
+    gray = _round_uint8(scaled)
+    return 255 - gray if photometric == "MONOCHROME1" else gray

@@ -1,0 +1,118 @@
+"""The app factory: `create_app(settings)` -> FastAPI, with a lifespan that loads, checks and warms up the bundle.
+
+Start-up fails fast (bad bundle, ONNX graph that does not match its manifest, CUDA requested but unavailable with
+`on_missing_cuda=fail`); readiness stays false until a warm-up inference has run. On shutdown the app turns not-ready
+at once, lets queued requests finish, then stops the batcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+import numpy as np
+import structlog
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from models.bundle import Bundle, load_bundle
+from service.api import routes_diagnose, routes_health, routes_model, routes_oip
+from service.api.errors import register_error_handlers
+from service.batching import BatchFn, MicroBatcher
+from service.config import Settings
+from service.logs import configure_logging
+from service.metrics import ServiceMetrics
+from service.middleware import RequestContextMiddleware
+from service.pipeline import DefensePipeline
+from service.runtime import create_runner
+from service.state import ServiceState
+
+log = structlog.get_logger("aegis.service")
+RunnerFactory = Callable[[Bundle, Settings], BatchFn]
+
+
+def default_runner(bundle: Bundle, settings: Settings) -> BatchFn:
+    return create_runner(bundle, settings.device, settings.on_missing_cuda, settings.intra_op_threads)
+
+
+def create_app(settings: Settings | None = None, *, registry: CollectorRegistry | None = None,
+               runner_factory: RunnerFactory = default_runner, configure_logs: bool = True) -> FastAPI:
+    """Build the service. `settings` defaults to the environment (`AEGIS_*`); `registry` to a fresh one;
+    `runner_factory(bundle, settings)` returns the batch callable (tests inject slow or failing ones)."""
+    settings = settings if settings is not None else Settings()
+    if configure_logs:
+        configure_logging(settings.log_level)
+    metrics = ServiceMetrics(registry, max_batch_size=settings.max_batch_size)
+    state = ServiceState(settings=settings, metrics=metrics,
+                         api_keys=() if settings.auth_disabled else settings.all_api_keys())
+    metrics.ready.set_function(lambda: float(state.serving))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await _start(state, runner_factory)
+        try:
+            yield
+        finally:
+            await _stop(state)
+
+    app = FastAPI(
+        title="Medical Aegis",
+        summary="A medical image classifier defended by Cushion + Shield: every diagnosis comes with an "
+                "accept/reject decision.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.aegis = state
+    app.state.metrics = metrics
+    register_error_handlers(app)
+    for module in (routes_diagnose, routes_model, routes_health, routes_oip):
+        app.include_router(module.router)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_upload_bytes)
+    if settings.auth_disabled:
+        log.warning("auth_disabled", detail="API keys are not checked: local use only")
+    return app
+
+
+async def _start(state: ServiceState, runner_factory: RunnerFactory) -> None:
+    settings, metrics = state.settings, state.metrics
+    try:
+        bundle = await asyncio.to_thread(load_bundle, settings.bundle_dir)
+        runner = await asyncio.to_thread(runner_factory, bundle, settings)
+    except Exception as error:
+        log.error("startup_failed", error=f"{type(error).__name__}: {error}")
+        raise
+    pipeline = DefensePipeline(bundle)
+    state.bundle, state.pipeline = bundle, pipeline
+    state.provider = getattr(runner, "provider", "custom")
+    m = bundle.manifest
+    metrics.set_model(m.name, m.version, state.provider, settings.device)
+    # warm-up outside the batcher (metrics stay clean), at batch 1 and at the largest batch
+    for size in sorted({1, settings.max_batch_size}):
+        batch = np.repeat(pipeline.warmup_input(), size, axis=0)
+        logits, shield = await asyncio.to_thread(runner, batch)
+        if logits.shape != (size, len(m.classes)) or not (np.isfinite(logits).all() and np.isfinite(shield).all()):
+            raise RuntimeError(f"warm-up inference at batch {size} gave outputs of shape {logits.shape} "
+                               "or non-finite values")
+    state.batcher = MicroBatcher(runner, max_batch_size=settings.max_batch_size,
+                                 max_wait_seconds=settings.max_batch_wait_seconds, max_queue=settings.max_queue,
+                                 retry_after_seconds=settings.retry_after_seconds, metrics=metrics)
+    state.batcher.start()
+    threads = settings.preprocess_threads or os.cpu_count() or 1
+    state.preprocess_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="aegis-preprocess")
+    state.ready = True
+    log.info("service_ready", model=m.name, version=m.version, provider=state.provider, classes=list(m.classes),
+             cushion=bundle.cushion.describe(), bundle=str(bundle.root), max_batch_size=settings.max_batch_size,
+             auth="disabled" if settings.auth_disabled else "api_key")
+
+
+async def _stop(state: ServiceState) -> None:
+    state.start_draining()
+    state.ready = False
+    if state.batcher is not None:
+        await state.batcher.stop(timeout=state.settings.request_timeout_seconds)
+    if state.preprocess_pool is not None:
+        state.preprocess_pool.shutdown(wait=False, cancel_futures=True)
+    log.info("service_stopped")

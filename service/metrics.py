@@ -1,0 +1,92 @@
+"""Every Prometheus metric of the service, in one place, on an injectable `CollectorRegistry`.
+
+The monitoring dashboards and alerts are built on exactly these names (namespace `aegis`, base units, bounded labels):
+
+    aegis_requests_total{route, status}             counter: HTTP requests by route template and status code
+    aegis_request_duration_seconds{route}           histogram: end-to-end latency by route template
+    aegis_request_errors_total{reason}              counter: refused requests by reason (payload_too_large,
+                                                    too_many_pixels, unsupported_media_type, undecodable,
+                                                    unsupported_image, empty_body, missing_file, unauthorized,
+                                                    not_ready, overloaded, timeout, inference_failed,
+                                                    invalid_request, internal, http)
+    aegis_diagnoses_total{diagnosis, decision}      counter: answered diagnoses; decision = accept | reject
+    aegis_shield_logit{predicted_class}             histogram: the predicted class's Shield logit (high = clean);
+                                                    its buckets are negative too, so (OpenMetrics) it has _bucket
+                                                    and _count series but no _sum
+    aegis_stage_duration_seconds{stage}             histogram: stage = decode | prepare | cushion | queue |
+                                                    inference | total (per request; inference = its batch's call)
+    aegis_batch_size                                histogram: images per ONNX Runtime call
+    aegis_queue_depth                               gauge: requests waiting for a batch
+    aegis_inflight_requests                         gauge: diagnose requests being handled
+    aegis_ready                                     gauge: 1 when the bundle is loaded and warmed up, 0 otherwise
+    aegis_model_info{name, version, provider, requested_device}
+                                                    gauge = 1: the served bundle, the ONNX Runtime execution
+                                                    provider really in use (e.g. CPUExecutionProvider)
+
+Process metrics (`process_*`) come from prometheus-client's process collector on the same registry.
+
+The service runs one process per container and scales by replicas, so these in-process counters are exact and no
+multiprocess mode is needed.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0, 30.0)
+SHIELD_LOGIT_BUCKETS = (-20.0, -10.0, -5.0, -4.0, -3.0, -2.0, -1.5, -1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75,
+                        1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 10.0, 20.0)
+STAGES = ("decode", "prepare", "cushion", "queue", "inference", "total")
+
+
+def batch_buckets(max_batch_size: int) -> tuple[float, ...]:
+    """1, 2, 4, ... up to and including `max_batch_size`."""
+    buckets, b = [], 1
+    while b < max_batch_size:
+        buckets.append(float(b))
+        b *= 2
+    buckets.append(float(max_batch_size))
+    return tuple(buckets)
+
+
+class ServiceMetrics:
+    """The service's metrics on `registry` (a fresh one when None, so that apps and tests never collide)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, max_batch_size: int = 32,
+                 process_collector: bool = True):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("aegis_requests", "HTTP requests by route template and status code",
+                                ["route", "status"], registry=r)
+        self.request_duration = Histogram("aegis_request_duration_seconds", "End-to-end request latency",
+                                          ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.request_errors = Counter("aegis_request_errors", "Refused or failed requests by reason", ["reason"],
+                                      registry=r)
+        self.diagnoses = Counter("aegis_diagnoses", "Answered diagnoses by predicted class and decision",
+                                 ["diagnosis", "decision"], registry=r)
+        self.shield_logit = Histogram("aegis_shield_logit", "Shield logit of the predicted class (high = clean)",
+                                      ["predicted_class"], buckets=SHIELD_LOGIT_BUCKETS, registry=r)
+        self.stage_duration = Histogram("aegis_stage_duration_seconds", "Per-request duration of each stage",
+                                        ["stage"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("aegis_batch_size", "Images per ONNX Runtime call",
+                                    buckets=batch_buckets(max_batch_size), registry=r)
+        self.queue_depth = Gauge("aegis_queue_depth", "Requests waiting for a batch", registry=r)
+        self.inflight = Gauge("aegis_inflight_requests", "Diagnose requests being handled", registry=r)
+        self.ready = Gauge("aegis_ready", "1 when the bundle is loaded and warmed up", registry=r)
+        self.model_info = Gauge("aegis_model_info", "The served bundle and the execution provider in use",
+                                ["name", "version", "provider", "requested_device"], registry=r)
+        if process_collector:
+            ProcessCollector(registry=r)
+
+    def set_model(self, name: str, version: str, provider: str, requested_device: str) -> None:
+        self.model_info.clear()
+        self.model_info.labels(name=name, version=version, provider=provider,
+                               requested_device=requested_device).set(1)
+
+    def observe_stages(self, timings: dict[str, float]) -> None:
+        for stage, seconds in timings.items():
+            self.stage_duration.labels(stage=stage).observe(seconds)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

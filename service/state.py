@@ -1,0 +1,35 @@
+"""What the running app holds: settings, metrics, and (after start-up) the bundle, pipeline and batcher."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from models.bundle import Bundle
+from service.batching import MicroBatcher
+from service.config import Settings
+from service.metrics import ServiceMetrics
+from service.pipeline import DefensePipeline
+
+
+@dataclass
+class ServiceState:
+    settings: Settings
+    metrics: ServiceMetrics
+    api_keys: tuple[bytes, ...] = ()
+    bundle: Bundle | None = None
+    pipeline: DefensePipeline | None = None
+    batcher: MicroBatcher | None = None
+    preprocess_pool: ThreadPoolExecutor | None = None
+    provider: str = "none"
+    ready: bool = False
+    draining: bool = False
+
+    def start_draining(self) -> None:
+        """Readiness turns false at once; requests already accepted still finish. Only sets a flag (no lock, no
+        I/O), so that it is safe inside a signal handler; `aegis_ready` is computed from the flags at scrape time."""
+        self.draining = True
+
+    @property
+    def serving(self) -> bool:
+        return self.ready and not self.draining

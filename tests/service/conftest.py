@@ -1,0 +1,178 @@
+"""Service fixtures: an in-process harness (httpx over ASGI, lifespan entered), bundle variants, offline references."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import shutil
+import threading
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.bundle import load_bundle, write_manifest
+from models.imaging import prepare_image
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLES = sorted((REPO / "samples").glob("*.png"))
+
+
+class Harness:
+    """Runs an app's lifespan on a private event loop thread; sync helpers send requests through httpx's ASGI
+    transport, `gather` sends many at once (concurrently, on the app's loop)."""
+
+    def __init__(self, app, lifespan: bool = True):
+        self.app = app
+        self.lifespan = lifespan
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.stack = AsyncExitStack()
+
+    @property
+    def state(self):
+        return self.app.state.aegis
+
+    @property
+    def registry(self):
+        return self.app.state.metrics.registry
+
+    def run(self, coro, timeout: float = 120):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    async def _enter(self):
+        if self.lifespan:
+            await self.stack.enter_async_context(self.app.router.lifespan_context(self.app))
+        self.client = await self.stack.enter_async_context(
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://aegis", timeout=60))
+
+    def __enter__(self) -> Harness:
+        self.thread.start()
+        self.run(self._enter())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.run(self.stack.aclose())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+
+    def request(self, method: str, url: str, **kwargs) -> httpx.Response:
+        return self.run(self.client.request(method, url, **kwargs))
+
+    def get(self, url: str, **kwargs) -> httpx.Response:
+        return self.request("GET", url, **kwargs)
+
+    def post_image(self, data: bytes, content_type: str = "image/png", url: str = "/v1/diagnose",
+                   headers: dict | None = None) -> httpx.Response:
+        return self.request("POST", url, content=data, headers={"content-type": content_type, **(headers or {})})
+
+    def gather(self, calls: list[dict]) -> list[httpx.Response]:
+        async def all_of():
+            return await asyncio.gather(*(self.client.request(**call) for call in calls))
+
+        return self.run(all_of())
+
+    def sample(self, name: str, labels: dict | None = None) -> float:
+        return self.registry.get_sample_value(name, labels or {}) or 0.0
+
+
+def make_settings(bundle_dir, **overrides):
+    from service.config import Settings
+
+    values = dict(bundle_dir=bundle_dir, auth_disabled=True, intra_op_threads=1, max_batch_size=8,
+                  max_batch_wait_seconds=0.002, log_level="INFO")
+    values.update(overrides)
+    return Settings(_env_file=None, **values)
+
+
+def serve(bundle_dir, **overrides) -> Harness:
+    from service.main import create_app
+
+    return Harness(create_app(make_settings(bundle_dir, **overrides)))
+
+
+def png_bytes(path) -> bytes:
+    return Path(path).read_bytes()
+
+
+def encode(array: np.ndarray, fmt: str = "PNG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def copy_bundle(src: Path, dst: Path, **manifest_updates) -> Path:
+    shutil.copytree(src, dst)
+    manifest = load_bundle(dst).manifest
+    write_manifest(dst, manifest.model_copy(update=manifest_updates))
+    load_bundle(dst)  # still a valid bundle
+    return dst
+
+
+class OfflineReference:
+    """The bundle's decision rule computed directly with models + onnxruntime (no service code)."""
+
+    def __init__(self, bundle_dir: Path):
+        import onnxruntime as ort
+
+        self.bundle = load_bundle(bundle_dir)
+        self.manifest = self.bundle.manifest
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        self.session = ort.InferenceSession(str(self.bundle.onnx_path), options, providers=["CPUExecutionProvider"])
+
+    def model_input(self, image: Image.Image) -> np.ndarray:
+        u = self.bundle.cushion(prepare_image(image, self.manifest.input))
+        return u.transpose(2, 0, 1)[None].astype(np.float32) / 255
+
+    def answer(self, image: Image.Image) -> dict:
+        x = self.model_input(image)
+        logits, shield = self.session.run(["logits", "shield_logits"], {"image": x})
+        k = int(np.argmax(logits[0]))
+        name = self.manifest.classes[k]
+        threshold = self.manifest.thresholds[name]
+        return {"diagnosis": name, "shield_logit": float(shield[0, k]), "threshold": threshold,
+                "decision": "accept" if shield[0, k] >= threshold else "reject", "logits": logits[0],
+                "shield_logits": shield[0], "x": x}
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tiny_bundle_dir) -> Path:
+    return tiny_bundle_dir
+
+
+@pytest.fixture(scope="session")
+def reference(bundle_dir) -> OfflineReference:
+    return OfflineReference(bundle_dir)
+
+
+@pytest.fixture(scope="session")
+def image_paths(xray_paths) -> list[Path]:
+    """Real test-split X-rays of both classes plus the committed samples."""
+    return [*xray_paths, *SAMPLES]
+
+
+@pytest.fixture(scope="session")
+def reject_all_bundle(bundle_dir, tmp_path_factory) -> Path:
+    """The tiny bundle with unreachable thresholds: every answer is a rejection."""
+    manifest = load_bundle(bundle_dir).manifest
+    return copy_bundle(bundle_dir, tmp_path_factory.mktemp("strict") / "bundle",
+                       thresholds={c: 1e9 for c in manifest.classes})
+
+
+@pytest.fixture(scope="session")
+def accept_all_bundle(bundle_dir, tmp_path_factory) -> Path:
+    manifest = load_bundle(bundle_dir).manifest
+    return copy_bundle(bundle_dir, tmp_path_factory.mktemp("lenient") / "bundle",
+                       thresholds={c: -1e9 for c in manifest.classes})
+
+
+@pytest.fixture(scope="module")
+def service(bundle_dir):
+    with serve(bundle_dir) as harness:
+        yield harness
