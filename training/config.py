@@ -45,6 +45,7 @@ class TrainConfig:
     eps_end: float = 16 / 256
     curriculum_epochs: int = 5  # epochs to ramp eps_start -> eps_end, then hold
     attack_steps: int = 7
+    attack_step_size: float | None = None  # None: 2.5 * eps / attack_steps (engine default)
     attack_objective: str = "wb"  # "wb": -S^t + J_cw (what the evaluation's WB attack uses); "shield": paper's -S^t
     attack_direction: str = "sum"  # "sum" | "selective" | "orthogonal" (engine PGDConfig.direction)
     attack_kappa: float = 10.0

@@ -264,7 +264,8 @@ def train_shields(cfg: TrainConfig, net: AegisNet, splits: dict[str, Split], cus
     generator = torch.Generator().manual_seed(cfg.seed + rt.rank)
     for epoch in range(start, cfg.shield_epochs):
         eps = cfg.eps_at(epoch)
-        attack = PGDConfig(eps=eps, steps=cfg.attack_steps, direction=cfg.attack_direction)
+        attack = PGDConfig(eps=eps, steps=cfg.attack_steps, step_size=cfg.attack_step_size,
+                           direction=cfg.attack_direction)
         stats = {"loss": 0.0, "clean_accept": 0.0, "adv_reject": 0.0, "adv_label": 0.0, "n": 0}
         began = time.time()
         for x, y in _progress(loader(dataset, cfg.shield_batch_size, rt, epoch, cfg.seed), rt, f"shield {epoch}"):
