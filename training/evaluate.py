@@ -29,7 +29,7 @@ from sklearn.metrics import roc_auc_score
 from torch import Tensor
 
 from models.networks import AegisNet
-from training.attacks import CWObjective, Objective, PGDConfig, WhiteBoxObjective, exact_cushion, pgd
+from training.attacks import Objective, PGDConfig, WhiteBoxObjective, exact_cushion, pgd
 from training.metrics import auroc, tpr_at_tnr
 
 EPS = 16 / 256
