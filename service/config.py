@@ -9,6 +9,8 @@
     AEGIS_PREPROCESS_THREADS         threads that decode and Cushion requests (0 = the CPU count)
     AEGIS_MAX_BATCH_SIZE             largest micro-batch sent to ONNX Runtime in one call
     AEGIS_MAX_BATCH_WAIT_SECONDS     how long the first request of a batch waits for company
+    AEGIS_BATCH_SHAPES               auto | exact | buckets | max: pad micro-batches to few shapes (auto: max on CUDA)
+    AEGIS_CUDNN_CONV_ALGO_SEARCH     HEURISTIC | EXHAUSTIVE | DEFAULT (the CUDA provider's option)
     AEGIS_MAX_QUEUE                  requests waiting for a batch before new ones get 503 + Retry-After
     AEGIS_REQUEST_TIMEOUT_SECONDS    per-request budget from the first byte; 503 + Retry-After when it runs out
     AEGIS_MAX_UPLOAD_BYTES           request body limit (413), sized for real DICOM files
@@ -43,6 +45,9 @@ class Settings(BaseSettings):
 
     max_batch_size: int = Field(32, ge=1, le=1024)
     max_batch_wait_seconds: float = Field(0.002, ge=0.0, le=1.0)
+    batch_shapes: Literal["auto", "exact", "buckets", "max"] = Field(
+        "auto", description="batch sizes ONNX Runtime sees (padding): auto = max on CUDA, exact on CPU")
+    cudnn_conv_algo_search: Literal["HEURISTIC", "EXHAUSTIVE", "DEFAULT"] = "HEURISTIC"
     max_queue: int = Field(512, ge=1)
     request_timeout_seconds: float = Field(30.0, gt=0.0)
     retry_after_seconds: int = Field(1, ge=1, description="Retry-After sent with 503 overload answers")

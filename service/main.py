@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from models.bundle import Bundle, load_bundle
 from service.api import routes_diagnose, routes_health, routes_model, routes_oip
 from service.api.errors import register_error_handlers
-from service.batching import BatchFn, MicroBatcher
+from service.batching import BatchFn, MicroBatcher, inference_executor
 from service.config import Settings
 from service.logs import configure_logging
 from service.metrics import ServiceMetrics
@@ -35,7 +35,9 @@ RunnerFactory = Callable[[Bundle, Settings], BatchFn]
 
 
 def default_runner(bundle: Bundle, settings: Settings) -> BatchFn:
-    return create_runner(bundle, settings.device, settings.on_missing_cuda, settings.intra_op_threads)
+    return create_runner(bundle, settings.device, settings.on_missing_cuda, settings.intra_op_threads,
+                         settings.max_batch_size, settings.batch_shapes,
+                         settings.cudnn_conv_algo_search)
 
 
 def create_app(settings: Settings | None = None, *, registry: CollectorRegistry | None = None,
@@ -78,9 +80,11 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
 
 async def _start(state: ServiceState, runner_factory: RunnerFactory) -> None:
     settings, metrics = state.settings, state.metrics
+    inference = state.inference_executor = inference_executor()
+    loop = asyncio.get_running_loop()
     try:
         bundle = await asyncio.to_thread(load_bundle, settings.bundle_dir)
-        runner = await asyncio.to_thread(runner_factory, bundle, settings)
+        runner = await loop.run_in_executor(inference, runner_factory, bundle, settings)
     except Exception as error:
         log.error("startup_failed", error=f"{type(error).__name__}: {error}")
         raise
@@ -89,16 +93,19 @@ async def _start(state: ServiceState, runner_factory: RunnerFactory) -> None:
     state.provider = getattr(runner, "provider", "custom")
     m = bundle.manifest
     metrics.set_model(m.name, m.version, state.provider, settings.device)
-    # warm-up outside the batcher (metrics stay clean), at batch 1 and at the largest batch
-    for size in sorted({1, settings.max_batch_size}):
+    # warm-up outside the batcher (metrics stay clean): every shape the runner will see (batch 1 and the largest
+    # batch, or every padding bucket), so that no request pays a first-shape cost
+    warmup_sizes = getattr(runner, "warmup_sizes", lambda m: sorted({1, m}))(settings.max_batch_size)
+    for size in warmup_sizes:
         batch = np.repeat(pipeline.warmup_input(), size, axis=0)
-        logits, shield = await asyncio.to_thread(runner, batch)
+        logits, shield = await loop.run_in_executor(inference, runner, batch)
         if logits.shape != (size, len(m.classes)) or not (np.isfinite(logits).all() and np.isfinite(shield).all()):
             raise RuntimeError(f"warm-up inference at batch {size} gave outputs of shape {logits.shape} "
                                "or non-finite values")
     state.batcher = MicroBatcher(runner, max_batch_size=settings.max_batch_size,
                                  max_wait_seconds=settings.max_batch_wait_seconds, max_queue=settings.max_queue,
-                                 retry_after_seconds=settings.retry_after_seconds, metrics=metrics)
+                                 retry_after_seconds=settings.retry_after_seconds, metrics=metrics,
+                                 executor=inference)
     state.batcher.start()
     threads = settings.preprocess_threads or os.cpu_count() or 1
     state.preprocess_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="aegis-preprocess")
@@ -115,4 +122,6 @@ async def _stop(state: ServiceState) -> None:
         await state.batcher.stop(timeout=state.settings.request_timeout_seconds)
     if state.preprocess_pool is not None:
         state.preprocess_pool.shutdown(wait=False, cancel_futures=True)
+    if state.inference_executor is not None:
+        state.inference_executor.shutdown(wait=False, cancel_futures=True)
     log.info("service_stopped")

@@ -8,6 +8,7 @@ only got the CPU provider refuses to start (`on_missing_cuda="fail"`) or warns a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import structlog
@@ -28,27 +29,59 @@ class BundleMismatch(RuntimeError):
 
 @dataclass
 class OnnxRunner:
-    """A batch callable: float32 N x C x H x W in [0, 1] -> (logits N x K, shield_logits N x K)."""
+    """A batch callable: float32 N x C x H x W in [0, 1] -> (logits N x K, shield_logits N x K).
+
+    With `buckets`, a batch is padded (zero rows) up to the smallest bucket that holds it, so the session only
+    ever sees those few shapes, all warmed up before the service reports ready (`warmup_sizes`). On CUDA this
+    matters: cuDNN plans its convolutions per input shape. On an H100 (ONNX Runtime 1.31.1, EXHAUSTIVE search) a
+    service whose micro-batches changed size from call to call spent ~0.5 s in every batch, even with every
+    power-of-two bucket warmed up, while a fixed shape ran in ~1 ms (docs/gpu.md). One shape (`max`) rules any
+    per-shape cost out by construction; the padded rows cost GPU time that would otherwise sit idle.
+    """
 
     session: object
     input_name: str
     output_names: tuple[str, str]
     provider: str
+    buckets: tuple[int, ...] = ()
 
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = len(batch)
+        size = next((b for b in self.buckets if b >= n), n)
+        if size > n:
+            batch = np.concatenate([batch, np.zeros((size - n, *batch.shape[1:]), dtype=batch.dtype)])
         logits, shield = self.session.run(list(self.output_names), {self.input_name: batch})
-        return np.asarray(logits, dtype=np.float32), np.asarray(shield, dtype=np.float32)
+        return np.asarray(logits[:n], dtype=np.float32), np.asarray(shield[:n], dtype=np.float32)
+
+    def warmup_sizes(self, max_batch_size: int) -> list[int]:
+        return list(self.buckets) if self.buckets else sorted({1, max_batch_size})
+
+
+BatchShapes = Literal["auto", "exact", "buckets", "max"]
+
+
+def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
+    """Powers of two below `max_batch_size`, and `max_batch_size` itself: 1, 2, 4, ..., max."""
+    sizes = {1 << i for i in range(max_batch_size.bit_length()) if 1 << i < max_batch_size}
+    return tuple(sorted(sizes | {max_batch_size}))
 
 
 def create_runner(bundle: Bundle, device: str = "cpu", on_missing_cuda: str = "fail",
-                  intra_op_threads: int = 0) -> OnnxRunner:
+                  intra_op_threads: int = 0, max_batch_size: int = 32, batch_shapes: BatchShapes = "auto",
+                  cudnn_conv_algo_search: str = "HEURISTIC") -> OnnxRunner:
+    """`batch_shapes`: the batch sizes the session sees: `exact` (no padding), `buckets` (powers of two), `max`
+    (always `max_batch_size`); `auto` = `max` where the session runs on CUDA, `exact` on CPU (where padded rows
+    would cost real compute and new shapes cost nothing). `cudnn_conv_algo_search`: the CUDA provider's option
+    (HEURISTIC plans a shape in milliseconds; EXHAUSTIVE benchmarks every algorithm, ~0.3-1 s per shape)."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
     providers = [CPU]
     if device == "cuda":
         if CUDA in available:
-            providers = [CUDA, CPU]
+            if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from pip wheels (nvidia-*) are not on the loader's path
+                ort.preload_dlls()
+            providers = [(CUDA, {"cudnn_conv_algo_search": cudnn_conv_algo_search}), CPU]
         else:
             _missing_cuda(on_missing_cuda, f"device=cuda but ONNX Runtime offers only {available} "
                                            "(install the gpu extra: onnxruntime-gpu)")
@@ -67,8 +100,9 @@ def create_runner(bundle: Bundle, device: str = "cpu", on_missing_cuda: str = "f
     _check_graph(session, bundle)
     log.info("onnx_session_ready", provider=provider, providers=session.get_providers(), device=device,
              onnx=bundle.manifest.onnx.file)
-    return OnnxRunner(session, spec.input, tuple(spec.outputs), provider)
-
+    shapes = ("max" if provider == CUDA else "exact") if batch_shapes == "auto" else batch_shapes
+    buckets = {"exact": (), "buckets": batch_buckets(max_batch_size), "max": (max_batch_size,)}[shapes]
+    return OnnxRunner(session, spec.input, tuple(spec.outputs), provider, buckets)
 
 def _missing_cuda(on_missing_cuda: str, message: str) -> None:
     if on_missing_cuda == "fail":

@@ -21,6 +21,7 @@ class ServiceState:
     pipeline: DefensePipeline | None = None
     batcher: MicroBatcher | None = None
     preprocess_pool: ThreadPoolExecutor | None = None
+    inference_executor: ThreadPoolExecutor | None = None  # the one thread of every model call
     provider: str = "none"
     ready: bool = False
     draining: bool = False

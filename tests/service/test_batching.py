@@ -179,3 +179,28 @@ def test_overloaded_and_timeout_errors_carry_retry_after():
 
     full, late = asyncio.run(scenario())
     assert full.headers == {"Retry-After": "3"} == late.headers
+
+
+def test_session_creation_warm_up_and_every_batch_run_on_one_inference_thread(bundle_dir, image_paths):
+    """ONNX Runtime's CUDA provider keeps cuDNN/cuBLAS handles per calling thread: a batch on a fresh thread pays
+    their creation (seen as ~0.6 s batches under load on an H100), so every model call must use the same thread."""
+    threads: list[int] = []
+
+    def factory(bundle, settings):
+        threads.append(threading.get_ident())
+        real = default_runner(bundle, settings)
+
+        def run(batch):
+            threads.append(threading.get_ident())
+            time.sleep(0.002)  # hold the thread a moment, as a real device call would
+            return real(batch)
+
+        return run
+
+    app = create_app(make_settings(bundle_dir, max_batch_size=4, max_batch_wait_seconds=0.01),
+                     runner_factory=factory)
+    with Harness(app) as harness:
+        calls = [dict(method="POST", url="/v1/diagnose", content=png_bytes(p), headers={"content-type": "image/png"})
+                 for p in image_paths * 4]
+        assert all(r.status_code == 200 for r in harness.gather(calls))
+    assert len(threads) > 3 and len(set(threads)) == 1

@@ -11,7 +11,9 @@ import pytest
 
 from models.bundle import load_bundle
 from service.main import create_app
-from service.runtime import CPU, RuntimeUnavailable, create_runner
+import numpy as np
+
+from service.runtime import CPU, RuntimeUnavailable, batch_buckets, create_runner
 from tests.service.conftest import REPO, SAMPLES, Harness, make_settings
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -20,6 +22,31 @@ HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 def test_cpu_runner_reports_the_provider_in_use(bundle_dir):
     runner = create_runner(load_bundle(bundle_dir), "cpu", intra_op_threads=1)
     assert runner.provider == CPU
+
+
+def test_batch_buckets_are_powers_of_two_up_to_the_largest_batch():
+    assert batch_buckets(32) == (1, 2, 4, 8, 16, 32)
+    assert batch_buckets(24) == (1, 2, 4, 8, 16, 24)
+    assert batch_buckets(1) == (1,)
+
+
+def test_padded_batches_answer_each_row_as_the_unpadded_session(bundle_dir):
+    bundle = load_bundle(bundle_dir)
+    plain = create_runner(bundle, "cpu", intra_op_threads=1)
+    padded = create_runner(bundle, "cpu", intra_op_threads=1, max_batch_size=8, batch_shapes="buckets")
+    assert create_runner(bundle, "cpu", intra_op_threads=1, max_batch_size=8, batch_shapes="max").buckets == (8,)
+    assert plain.buckets == () and padded.buckets == (1, 2, 4, 8)
+    assert padded.warmup_sizes(8) == [1, 2, 4, 8] and plain.warmup_sizes(8) == [1, 8]
+    m = bundle.manifest.input
+    x = np.random.default_rng(0).random((5, m.channels, m.height, m.width), dtype=np.float32)
+    seen = []
+    run = padded.session.run
+    padded.session = type("Spy", (), {"run": lambda self, names, feed: seen.append(len(feed["image"])) or run(
+        names, feed)})()
+    for got, want in zip(padded(x), plain(x)):
+        assert got.shape == want.shape == (5, len(bundle.manifest.classes))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert seen == [8]  # 5 rows ran as one batch of 8
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="this ONNX Runtime has the CUDA provider")
