@@ -54,7 +54,7 @@ def sanity_flags(trials: list[Trial], tolerance: float = 0.02, large_eps: float 
     families: dict[str, list[Trial]] = defaultdict(list)
     for t in trials:
         families[t.family].append(t)
-    for family, members in families.items():
+    for members in families.values():
         for a in members:
             for b in members:
                 worse = a.success - b.success > tolerance + _noise(a, b)

@@ -28,8 +28,8 @@ class AuditData:
     y_test: np.ndarray
 
     def describe(self) -> dict:
-        return {"dataset": self.dataset, "data_dir": str(self.data_dir), "train_images": int(len(self.y_train)),
-                "test_images": int(len(self.y_test))}
+        return {"dataset": self.dataset, "data_dir": str(self.data_dir), "train_images": len(self.y_train),
+                "test_images": len(self.y_test)}
 
 
 def resolve_data_dir(dataset: str, data_dir: str | Path | None) -> Path:
@@ -85,8 +85,8 @@ def attack_set(net, attack: Attack, x: Tensor, labels: np.ndarray, index: np.nda
 
 
 def shield_row(net, clean_x: Tensor, clean_y: np.ndarray, attacked: AttackedSet, cushion, thresholds: np.ndarray,
-               n_resamples: int, seed: int, judge_bypass: bool) -> dict:
-    """Figures of the Shield (with or without Cushion) against one attacked set.
+               n_resamples: int, seed: int, judge_bypass: bool) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
+    """Figures of the Shield (with or without Cushion) against one attacked set, and its ROC inputs.
 
     Scores are threshold-relative (`routed_scores`) and routed by the pipeline's *prediction*, as in deployment.
     `judge_bypass`: also report the bypass rate at the bundle's own thresholds (only meaningful for the

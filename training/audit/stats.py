@@ -96,7 +96,7 @@ def detection_summary(clean: np.ndarray, attempted_scores: np.ndarray, reached: 
         return success_at_fpr(c, a[:, 0], a[:, 1].astype(bool), 0.05)
 
     out = {
-        "n_clean": int(len(clean)), "attempted": int(len(attempted_scores)), "successful": int(reached.sum()),
+        "n_clean": len(clean), "attempted": len(attempted_scores), "successful": int(reached.sum()),
         "asr_label": float(reached.mean()) if len(reached) else float("nan"),
         "auroc": auroc(clean, successful), "tpr_at_90tnr": tpr_at_tnr(clean, successful, 0.90),
         "tpr_at_95tnr": tpr_at_tnr(clean, successful, 0.95), "sr_at_5fpr": sr5(clean, attempts),

@@ -190,6 +190,7 @@ def table2(ctx: Context, attacks: list[str] | None = None, detectors: tuple[str,
                                     ctx.seed, judge_bypass=cushion is not None)
             rows.append({"detector": "shield" if cushion is None else "aegis", "cushion": cushion_name,
                          "attack": name, "status": "ok", "description": attack.spec.description, **row})
+            ctx.curves[f"{'shield' if cushion is None else 'aegis'}/{name}"] = curve
     notes = [
         "Attacks here ignore the detectors (they attack the classifier, with BPDA through the Cushion when present). "
         "The paper's Table 2 uses HFC-strengthened attacks; a row named mim/bim/pgd/cw is the plain attack, NOT HFC.",
@@ -222,6 +223,11 @@ class _Push(Objective):
     def label_loss(self, logits: Tensor, target: Tensor) -> Tensor:
         return self.sign * logits[:, 0]
 
+    def success(self, logits: Tensor, shield_logits: Tensor | None, target: Tensor) -> Tensor:
+        # Never "successful" (and the target 1 is never the argmax of one column), so the engine keeps the iterate
+        # of lowest loss: with success set, its float32 rank (1e9 + 1e6 - loss) cannot resolve loss differences.
+        return torch.zeros_like(target, dtype=torch.bool)
+
 
 STRESS_CUSHIONS = ("none", "jpeg:90", "jpeg:70")
 STRESS_COLUMNS = [("layer", "layer"), ("cushion", "Cushion"), ("direction", "direction"), ("clean_mean", "clean mean"),
@@ -235,8 +241,7 @@ def table1(ctx: Context, layers: list[int] | None = None, cushions: tuple[str, .
     clf = ctx.net.classifier
     n_blocks = max(clf.tap_names_all)
     layers = layers or sorted({*ctx.manifest.architecture.taps, n_blocks})
-    x, y = ctx.clean_test()
-    x = x[:ctx.scale.eval_images]
+    x = ctx.clean_test()[0][:ctx.scale.eval_images]
     steps = ctx.scale.stress_steps
     config = PGDConfig(eps=eps, steps=steps, step_size=1 / 256, random_start=False)
     rows = []
@@ -251,7 +256,7 @@ def table1(ctx: Context, layers: list[int] | None = None, cushions: tuple[str, .
                 clean = float(probe(exact_cushion(x, cushion)).mean())
             for direction, sign in (("up", -1.0), ("down", 1.0)):
                 torch.manual_seed(ctx.seed)
-                target = torch.zeros(len(x), dtype=torch.long)
+                target = torch.ones(len(x), dtype=torch.long)
                 x_adv = torch.cat([pgd(probe, x[i:i + ctx.scale.batch], target[i:i + ctx.scale.batch],
                                        _Push(sign=sign), config, cushion=cushion).x_adv
                                    for i in range(0, len(x), ctx.scale.batch)])
@@ -260,7 +265,7 @@ def table1(ctx: Context, layers: list[int] | None = None, cushions: tuple[str, .
                 rows.append({"layer": f"{clf.tap_names_all[layer]}{' (last)' if layer == n_blocks else ''}",
                              "cushion": spec, "direction": direction, "status": "ok", "clean_mean": clean,
                              "adv_mean": adv, "relative_change": adv / clean - 1 if clean else float("nan"),
-                             "cushion_shift": clean / plain - 1 if plain else float("nan"), "n": int(len(x))})
+                             "cushion_shift": clean / plain - 1 if plain else float("nan"), "n": len(x)})
     notes = [f"BIM with J = ±mean(f_l), eps={eps * 256:g}/256, {steps} steps of 1/256, no random start; with a "
              "Cushion, BPDA (identity backward) through the real Cushion.",
              "relative change is against f_l of the Cushioned clean image (isolating the attack); the Cushion-only "

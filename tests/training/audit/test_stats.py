@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 
 from training import metrics
-from training.audit.stats import auroc, bootstrap_ci, detection_summary, success_at_fpr, tpr_at_tnr
+from training.audit.stats import (
+    auroc,
+    bootstrap_ci,
+    detection_summary,
+    success_at_fpr,
+    tpr_at_tnr,
+)
 
 
 def test_tpr_at_90tnr_hand_example():
