@@ -1,0 +1,87 @@
+"""Command line of the audit: one command per paper table, and the bundle's security report.
+
+    python -m training.audit table1 --bundle models/default --scale cpu --out results/table1
+    python -m training.audit table2 --bundle models/default --attacks mim,bim,pgd,cw --out results/table2
+    python -m training.audit table3 --bundle models/default --data-dir ../shared/data/kermany-pneumonia --out results/table3
+    python -m training.audit table4 --bundle models/default --out results/table4
+    python -m training.audit table5 --bundle models/default --out results/table5
+    python -m training.audit report --bundle runs/x/bundle --scale cpu
+
+`--dataset` defaults to the bundle's training dataset; `--data-dir` to $AEGIS_DATA_DIR or ../shared/data/<dataset>.
+Tables write `<out>/<table>.json`, `.md` and `_roc.png`; `report` writes into the bundle and re-hashes its manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+TABLES = ("table1", "table2", "table3", "table4", "table5")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training.audit", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=(*TABLES, "report"))
+    parser.add_argument("--bundle", type=Path, default=None, help="bundle folder (default: the embedded one)")
+    parser.add_argument("--dataset", choices=("kermany", "aptos"), help="default: the bundle's dataset")
+    parser.add_argument("--data-dir", type=Path, help="dataset folder")
+    parser.add_argument("--scale", default="cpu", help="cpu | paper | tiny (training/audit/scales.py)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=INT",
+                        help="override a scale field, e.g. --set eval_images=32")
+    parser.add_argument("--attacks", help="comma-separated attack names (tables 2-5)")
+    parser.add_argument("--out", type=Path, help="output folder of a table (default: results/<table>)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from models.bundle import load_bundle
+    from models.networks import load_aegis
+    from training.audit import tables
+    from training.audit.harness import load_audit_data
+    from training.audit.outputs import write_result
+    from training.audit.report import security_report, summary_line, write_into_bundle
+    from training.audit.scales import get_scale
+
+    argv = sys.argv[1:] if argv is None else argv
+    args = get_args_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    scale = get_scale(args.scale, **{k: int(v) for k, v in (item.split("=", 1) for item in args.set)})
+    bundle = load_bundle(args.bundle)
+    m = bundle.manifest
+    dataset = args.dataset or m.data.get("dataset", "kermany")
+    train_images = scale.reference_images + 2 * scale.fit_images + scale.shield_images
+    data = load_audit_data(dataset, args.data_dir, m.input, train_images, scale.clean_images, args.seed)
+    ctx = tables.Context(load_aegis(bundle), m, data, scale, args.seed,
+                         shlex.join(["python", "-m", "training.audit", *argv]))
+    attacks = args.attacks.split(",") if args.attacks else None
+    if args.command == "report":
+        result = security_report(ctx)
+        result["_curves"] = ctx.curves
+        for path in write_into_bundle(bundle, result):
+            print(path)
+        print(summary_line(result))
+        return 0
+    runners = {"table1": lambda: tables.table1(ctx), "table2": lambda: tables.table2(ctx, attacks),
+               "table3": lambda: tables.table3(ctx, attacks), "table4": lambda: tables.table4(ctx, attacks),
+               "table5": lambda: tables.table5(ctx, tuple(attacks) if attacks else ("pgd", "cw", "hfc", "wb"))}
+    columns = {"table1": tables.STRESS_COLUMNS, "table2": tables.BASELINE_COLUMNS, "table3": tables.SHIELD_COLUMNS,
+               "table4": tables.SHIELD_COLUMNS, "table5": tables.ABLATION_COLUMNS}
+    result = runners[args.command]()
+    out = args.out or Path("results") / args.command
+    for path in write_result(result, out, args.command, columns[args.command], ctx.curves or None):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

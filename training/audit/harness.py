@@ -1,0 +1,108 @@
+"""The shared machinery of the tables: data, clean predictions, attacked sets, Shield scores and result rows."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from models.imaging import InputSpec
+from training.audit.attacks import Attack, run_attack, targets_for
+from training.audit.stats import detection_summary
+from training.evaluate import predict, routed_scores
+
+log = logging.getLogger("aegis.audit")
+
+
+@dataclass
+class AuditData:
+    dataset: str
+    data_dir: Path
+    x_train: Tensor  # float N x C x H x W in [0, 1], a seeded subset of the train split
+    y_train: np.ndarray
+    x_test: Tensor
+    y_test: np.ndarray
+
+    def describe(self) -> dict:
+        return {"dataset": self.dataset, "data_dir": str(self.data_dir), "train_images": len(self.y_train),
+                "test_images": len(self.y_test)}
+
+
+def resolve_data_dir(dataset: str, data_dir: str | Path | None) -> Path:
+    if data_dir is not None:
+        return Path(data_dir)
+    from training.config import TrainConfig
+
+    return TrainConfig(dataset=dataset).resolved_data_dir
+
+
+def load_audit_data(dataset: str, data_dir: str | Path | None, spec: InputSpec, train_images: int,
+                    test_images: int = 0, seed: int = 0) -> AuditData:
+    """Seeded subsets of the train split (detector fitting) and the test split (evaluation; 0 = all of it)."""
+    from training.data import load_images, load_records
+
+    root = resolve_data_dir(dataset, data_dir)
+    records = load_records(dataset, root)
+    rng = np.random.default_rng(seed)
+
+    def take(split: str, n: int):
+        chosen = [r for r in records if r.split == split]
+        if n:
+            chosen = [chosen[i] for i in sorted(rng.permutation(len(chosen))[:n])]
+        x = torch.from_numpy(load_images(chosen, spec)).permute(0, 3, 1, 2).float() / 255
+        return x, np.array([r.label for r in chosen], dtype=np.int64)
+
+    return AuditData(dataset, root, *take("train", train_images), *take("test", test_images))
+
+
+@dataclass
+class AttackedSet:
+    """Correctly classified images, their targets and adversarial versions (uint8 levels) for one attack."""
+
+    index: np.ndarray  # into the source images
+    targets: np.ndarray
+    x_adv: Tensor
+    max_linf: float
+
+
+def correct_subset(pred: np.ndarray, labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    correct = np.flatnonzero(pred == labels)
+    return np.sort(np.random.default_rng(seed).permutation(correct)[:n])
+
+
+def attack_set(net, attack: Attack, x: Tensor, labels: np.ndarray, index: np.ndarray, cushion, batch: int,
+               seed: int) -> AttackedSet:
+    targets = targets_for(torch.from_numpy(labels[index]), net.classifier.head[-1].out_features, seed)
+    x_adv = run_attack(net, attack, x[index], targets, cushion, batch, seed)
+    linf = float((x_adv - x[index]).abs().max()) if len(index) else 0.0
+    if attack.spec.config.norm == "linf" and linf > attack.spec.config.eps + 1e-6:  # never report a broken budget
+        raise AssertionError(f"{attack.spec.name}: L∞ {linf} exceeds eps {attack.spec.config.eps}")
+    return AttackedSet(index, targets.numpy(), x_adv, linf)
+
+
+def shield_row(net, clean_x: Tensor, clean_y: np.ndarray, attacked: AttackedSet, cushion, thresholds: np.ndarray,
+               n_resamples: int, seed: int, judge_bypass: bool) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
+    """Figures of the Shield (with or without Cushion) against one attacked set, and its ROC inputs.
+
+    Scores are threshold-relative (`routed_scores`) and routed by the pipeline's *prediction*, as in deployment.
+    `judge_bypass`: also report the bypass rate at the bundle's own thresholds (only meaningful for the
+    configuration they were calibrated for).
+    """
+    logits, shields = predict(net, clean_x, cushion)
+    pred = logits.argmax(1)
+    correct = pred == clean_y
+    clean_scores = routed_scores(shields[correct], pred[correct], thresholds)
+    adv_logits, adv_shields = predict(net, attacked.x_adv, cushion)
+    adv_pred = adv_logits.argmax(1)
+    adv_scores = routed_scores(adv_shields, adv_pred, thresholds)
+    reached = adv_pred == attacked.targets
+    row = detection_summary(clean_scores, adv_scores, reached, n_resamples, seed)
+    row["max_linf"] = attacked.max_linf
+    if judge_bypass:
+        row["bypass_rate"] = float(np.mean(reached & (adv_scores <= 0)))
+        row["clean_rejection_rate"] = float(np.mean(clean_scores > 0))
+    return row, (clean_scores, adv_scores[reached])
