@@ -34,6 +34,11 @@ class TrainConfig:
     clf_lr: float = 2e-3
     clf_weight_decay: float = 5e-4
     cushion_aug_prob: float = 0.5  # train on Cushioned images this often, so the Cushion costs ~nothing
+    # adversarial training of the classifier (Madry et al.): a Shield on the features of a non-robust backbone reads
+    # features the attacker controls; 0 = standard training (the paper's)
+    clf_adv_eps: float = 0.0
+    clf_adv_steps: int = 5
+    clf_adv_fraction: float = 0.5  # share of each batch replaced by its PGD version (the rest stays clean)
     # Cushion (paper: JPEG quality 80)
     cushion: dict[str, Any] = field(default_factory=lambda: {"kind": "jpeg", "quality": 80})
     # Shield adversarial training (paper Eq. 3/4)

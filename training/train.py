@@ -39,7 +39,7 @@ from tqdm import tqdm
 from models.cushion import parse_cushion
 from models.imaging import InputSpec
 from models.networks import AegisNet, build_aegis
-from training.attacks import PGDConfig, ShieldOnlyObjective, WhiteBoxObjective, exact_cushion, pgd
+from training.attacks import Objective, PGDConfig, ShieldOnlyObjective, WhiteBoxObjective, exact_cushion, pgd
 from training.config import TrainConfig, load_config
 from training.data import CLASSES, fingerprint, load_images, load_records, split_validation
 
@@ -185,6 +185,8 @@ def train_classifier(cfg: TrainConfig, net: AegisNet, splits: dict[str, Split], 
         total, seen, began = 0.0, 0, time.time()
         for x, y in _progress(loader(dataset, cfg.clf_batch_size, rt, epoch, cfg.seed), rt, f"classifier {epoch}"):
             x, y = x.to(rt.device), y.to(rt.device)
+            if cfg.clf_adv_eps > 0:
+                x = adversarial_batch(cfg, model, x, y)
             loss = F.cross_entropy(trainable(x), y, weight=class_weight, label_smoothing=0.05)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -204,6 +206,22 @@ def train_classifier(cfg: TrainConfig, net: AegisNet, splits: dict[str, Split], 
                  cfg.clf_epochs, entry["loss"], acc, entry["seconds"])
         if rt.main:
             save_checkpoint(out, "classifier", epoch, net, optimizer, scheduler, history)
+
+
+def adversarial_batch(cfg: TrainConfig, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """Replace the first `clf_adv_fraction` of the batch by PGD-L∞ images (random start, CE towards the most likely
+    wrong class, uint8-quantised) crafted against the current classifier."""
+    n = int(round(cfg.clf_adv_fraction * len(x)))
+    if n == 0:
+        return x
+    with torch.no_grad():
+        was_training = model.training
+        logits = model.eval()(x[:n])
+        model.train(was_training)
+    target = logits.masked_fill(F.one_hot(y[:n], logits.shape[1]).bool(), float("-inf")).argmax(1)
+    config = PGDConfig(eps=cfg.clf_adv_eps, steps=cfg.clf_adv_steps)
+    x_adv = pgd(model, x[:n], target, Objective(), config).x_adv
+    return torch.cat([x_adv, x[n:]])
 
 
 @torch.no_grad()

@@ -115,3 +115,20 @@ def test_briefly_trained_shield_separates_clean_from_attacked(small_net, xray_da
     assert reached.mean() > 0.5
     assert auroc(clean_scores, adv_scores) > 0.75
     assert history["shield"][-1]["adv_reject"] > 0.5
+
+
+def test_adversarial_batch_replaces_its_share_with_in_budget_images_the_classifier_gets_wrong(small_net, xray_data):
+    from training.train import adversarial_batch
+
+    x, y = xray_data[0][:16], xray_data[1][:16]
+    cfg = TrainConfig(clf_adv_eps=16 / 256, clf_adv_steps=5, clf_adv_fraction=0.5)
+    model = small_net.classifier.train()
+    mixed = adversarial_batch(cfg, model, x, y)
+    assert model.training  # the attack leaves the training mode as it found it
+    assert torch.equal(mixed[8:], x[8:])  # the clean half is untouched
+    assert (mixed[:8] - x[:8]).abs().max() <= 16 / 256 + 1e-6
+    assert torch.equal(torch.round(mixed[:8] * 255), mixed[:8] * 255)  # uint8 levels
+    with torch.no_grad():
+        clean_wrong = (model.eval()(x[:8]).argmax(1) != y[:8]).sum()
+        adv_wrong = (model(mixed[:8]).argmax(1) != y[:8]).sum()
+    assert adv_wrong > clean_wrong
