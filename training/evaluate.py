@@ -36,7 +36,7 @@ EPS = 16 / 256
 
 
 def attack_suite(thresholds: Tensor, steps: int = 100, kappa: float = 10.0) -> list[AttackSpec]:
-    """The acceptance suite, from the attack library. Step size 2/256 for the adaptive attacks (§11)."""
+    """The acceptance suite, from the attack library (adaptive attacks: step eps/8 = 2/256, reference §11)."""
     def named(name: str, spec: AttackSpec) -> AttackSpec:
         return replace(spec, name=name)
 

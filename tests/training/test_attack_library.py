@@ -3,11 +3,13 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models.cushion import JpegCushion
-from training.attacks import (ATTACKS, DiffJpeg, DiverseInput, GaussianSmoothing, Objective, PGDConfig, Pipeline,
-                              build_attack, eps_sweep, exact_cushion, fit_hfc_mixtures, gaussian_kernel, judge,
-                              nearest_guides, pgd, quantise, through_cushion)
+from training.attacks import (ATTACKS, DiffJpeg, DiverseInput, GaussianSmoothing, HFCObjective, Objective, PGDConfig,
+                              Pipeline, RandomTranslate, build_attack, eps_sweep, exact_cushion, fit_hfc_mixtures,
+                              gaussian_kernel, judge, nearest_guides, pgd, quantise, through_cushion)
+from training.attacks.engine import _gradient
 from training.evaluate import attack_suite
 
 LINF = 16 / 256
@@ -140,12 +142,25 @@ def test_diff_jpeg_surrogate_keeps_the_exact_forward_and_changes_the_gradient(im
     assert 10 * torch.log10(1 / mse) > 40
 
 
-def test_random_quality_surrogate_is_stochastic_and_eot_averages_it(images):
-    x = images[0][:2]
-    surrogate = DiffJpeg((70.0, 90.0))
+def test_eot_averages_the_gradient_over_random_draws(small_net, images):
+    """The engine's EOT gradient is the mean of the per-draw gradients (same draws, replayed by the seed); the
+    random-quality surrogate really is random."""
+    x, target = images[0][:4], images[1][:4]
+    surrogate, transform = DiffJpeg((70.0, 90.0)), RandomTranslate(2)
+    pipeline = Pipeline(small_net.classifier, JpegCushion(), surrogate)
+    config = PGDConfig(eps=LINF, steps=1, eot_samples=3, transform=transform)
     torch.manual_seed(0)
-    first, second = surrogate(x), surrogate(x)
-    assert not torch.equal(first, second)
+    grad, *_ = _gradient(pipeline, x, target, Objective(), config)
+    torch.manual_seed(0)
+    draws = []
+    for _ in range(3):
+        xi = x.clone().requires_grad_(True)
+        loss = F.cross_entropy(pipeline(transform(xi))[0], target, reduction="sum")
+        draws.append(torch.autograd.grad(loss, xi)[0])
+    assert torch.allclose(grad, torch.stack(draws).mean(0), atol=1e-6)
+    assert not torch.allclose(draws[0], draws[1])
+    torch.manual_seed(0)
+    assert not torch.equal(surrogate(x), surrogate(x))
 
 
 def test_input_diversity_and_tim_smoothing_have_the_right_shapes():
@@ -182,8 +197,6 @@ def test_fea_moves_the_tapped_features_towards_the_guide(small_net, images, guid
 
 def test_hfc_pulls_the_pooled_features_into_the_target_mixture(small_net, images, hfc_mixtures):
     """Against plain PGD with the same budget, steps and seed, HFC ends closer to the target class's mixture."""
-    from training.attacks import HFCObjective
-
     x, target = images[0][:8], images[1][:8]
     layers, mixtures = hfc_mixtures
     constraint = HFCObjective(feature_layers=layers, mixtures=mixtures)

@@ -22,12 +22,12 @@ from torch import Tensor, nn
 from training.attacks.cw_l2 import cw_l2
 from training.attacks.engine import AttackResult, PGDConfig, judge, pgd
 from training.attacks.feature_attacks import fit_hfc_mixtures, nearest_guides
-from training.attacks.objectives import (CWObjective, FeatureObjective, HFCObjective, Objective, WhiteBoxObjective)
+from training.attacks.objectives import CWObjective, FeatureObjective, HFCObjective, Objective, WhiteBoxObjective
 from training.attacks.transforms import DiffJpeg, DiverseInput, GaussianSmoothing, RandomTranslate
 
 LINF_EPS = 16 / 256  # paper §4.1
 L2_EPS = 8 / 256  # paper §4.1; at most ~64 one-level pixel changes after uint8 rounding: sweep it (eps_sweep)
-ADAPTIVE_STEP = 2 / 256  # `attacks-reference.md` §11: the paper gives none
+ADAPTIVE_STEP_RATIO = 1 / 8  # step 2/256 at the paper's 16/256 (`attacks-reference.md` §11: the paper gives none)
 
 Run = Callable[..., AttackResult]
 
@@ -153,12 +153,13 @@ def _transfer(eps, steps, thresholds, substitute: nn.Module | None = None):
 # --- adaptive attacks on the full pipeline (paper §4.1, `attacks-reference.md` §2-3): 100 steps -----------------
 
 def _wb_config(eps, steps, restarts=1, **changes) -> PGDConfig:
-    base = dict(eps=eps, steps=steps, step_size=ADAPTIVE_STEP, restarts=restarts)
-    return PGDConfig(**{**base, **changes})
+    # eps / 8 (2/256 at the paper's budget) so that an eps sweep keeps the same step-to-budget ratio
+    return PGDConfig(**{"eps": eps, "steps": steps, "step_size": ADAPTIVE_STEP_RATIO * eps, "restarts": restarts,
+                        **changes})
 
 
 def _wb(eps, steps, thresholds, kappa=10.0, restarts=1):
-    return _engine_spec("wb", f"WB: minimise -S^t + J_cw (kappa={kappa:g}), {steps} steps of 2/256, random start, "
+    return _engine_spec("wb", f"WB: minimise -S^t + J_cw (kappa={kappa:g}), {steps} steps of eps/8, random start, "
                         "BPDA identity", _white_box(thresholds, kappa), _wb_config(eps, steps, restarts))
 
 
@@ -172,7 +173,7 @@ def _two_objective(direction: str):
         what = ("J_cw until the target is reached, then -S^t only" if direction == "selective" else
                 "each gradient made orthogonal to the other objective's")
         return _engine_spec(f"{direction[0]}pgd", f"{direction} PGD (Bryniarski et al. 2022): {what}; WB objective "
-                            f"(kappa={kappa:g}), {steps} steps of 2/256, x0.1 at {steps // 2}",
+                            f"(kappa={kappa:g}), {steps} steps of eps/8, x0.1 at {steps // 2}",
                             _white_box(thresholds, kappa),
                             _wb_config(eps, steps, restarts, decay_steps=(steps // 2,), direction=direction))
     return build
@@ -190,7 +191,7 @@ def _apgd_ce(eps, steps, thresholds, restarts=1):
 
 
 def _wb_diffjpeg(eps, steps, thresholds, kappa=10.0, restarts=1):
-    return _engine_spec("wb_diffjpeg", f"WB ({steps} steps of 2/256) with BPDA through a differentiable JPEG "
+    return _engine_spec("wb_diffjpeg", f"WB ({steps} steps of eps/8) with BPDA through a differentiable JPEG "
                         "(kornia, the Cushion's quality) instead of the identity", _white_box(thresholds, kappa),
                         _wb_config(eps, steps, restarts), lambda cushion: DiffJpeg(_jpeg_quality(cushion)))
 
@@ -200,7 +201,7 @@ def _wb_eot(eps, steps, thresholds, kappa=10.0, restarts=1, eot_samples=10, qual
         q = _jpeg_quality(cushion)
         return DiffJpeg((max(q - quality_spread, 1.0), min(q + quality_spread, 100.0)))
 
-    return _engine_spec("wb_eot", f"WB ({steps} steps of 2/256) with EOT: gradients averaged over {eot_samples} "
+    return _engine_spec("wb_eot", f"WB ({steps} steps of eps/8) with EOT: gradients averaged over {eot_samples} "
                         f"draws of differentiable JPEG (quality ±{quality_spread:g}) x translations ±{shift} px",
                         _white_box(thresholds, kappa),
                         _wb_config(eps, steps, restarts, eot_samples=eot_samples,
@@ -225,7 +226,7 @@ def _fea(label_weight: float):
         label = "" if not label_weight else f" + J_cw (kappa={kappa:g})"
         return AttackSpec("fea" if not label_weight else "fea_cw",
                           f"Fea (Sabour et al.): match the tap features of the nearest accepted target-class "
-                          f"training image{label}; {steps} steps of 2/256, random start", run, eps, "linf", steps)
+                          f"training image{label}; {steps} steps of eps/8, random start", run, eps, "linf", steps)
     return build
 
 
@@ -250,7 +251,7 @@ def _hfc(use_cw: bool):
         return AttackSpec("hfc_cw" if use_cw else "hfc",
                           f"HFC (Yao et al. 2021): {loss} + {weight:g} x Mahalanobis distance of every layer's pooled "
                           f"features (<= 512 channels) to the target class's GMM ({n_components} component(s)); "
-                          f"{steps} steps of 2/256, random start", run, eps, "linf", steps)
+                          f"{steps} steps of eps/8, random start", run, eps, "linf", steps)
     return build
 
 
