@@ -85,7 +85,6 @@ class TappedClassifier(nn.Module):
         if bad or list(self.taps) != sorted(set(self.taps)):
             raise ValueError(f"taps must be increasing and within {min(self._tap_positions)}.."
                              f"{max(self._tap_positions)} for {backbone}, got {list(self.taps)}")
-        self._collect_at = {self._tap_positions[t] for t in self.taps}
 
     @property
     def tap_names(self) -> tuple[str, ...]:
@@ -97,13 +96,26 @@ class TappedClassifier(nn.Module):
         return (x - self.mean) / self.std
 
     def forward_with_taps(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        return self.forward_layers(x, self.taps)
+
+    def forward_layers(self, x: Tensor, layers: tuple[int, ...]) -> tuple[Tensor, list[Tensor]]:
+        """Logits and the outputs of the 1-indexed blocks/ReLUs `layers` (in that order), in one forward pass."""
+        unknown = [layer for layer in layers if layer not in self._tap_positions]
+        if unknown:
+            raise ValueError(f"unknown layers {unknown} for {self.backbone_name}")
+        outputs = {}
+        wanted = {self._tap_positions[layer] for layer in layers}
         h = self.stem(self.normalise(x))
-        taps = []
         for position, module in enumerate(self.body, 1):
             h = module(h)
-            if position in self._collect_at:
-                taps.append(h)
-        return self.head(h), taps
+            if position in wanted:
+                outputs[position] = h
+        return self.head(h), [outputs[self._tap_positions[layer]] for layer in layers]
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """Every tappable 1-indexed layer (all residual blocks, or all ReLUs of VGG `features`)."""
+        return tuple(self._tap_positions)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_with_taps(x)[0]

@@ -20,7 +20,7 @@ import argparse
 import json
 import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,36 +29,23 @@ from sklearn.metrics import roc_auc_score
 from torch import Tensor
 
 from models.networks import AegisNet
-from training.attacks import Objective, PGDConfig, WhiteBoxObjective, exact_cushion, pgd
+from training.attacks import AttackSpec, build_attack, exact_cushion
 from training.metrics import auroc, tpr_at_tnr
 
 EPS = 16 / 256
 
 
-@dataclass(frozen=True)
-class AttackSpec:
-    name: str
-    objective: Objective
-    config: PGDConfig
-    description: str
-
-
 def attack_suite(thresholds: Tensor, steps: int = 100, kappa: float = 10.0) -> list[AttackSpec]:
-    """The acceptance suite. Step size 2/256 for the 100-step adaptive attacks (`attacks-reference.md` §11)."""
-    alpha = 2 / 256
-    wb = WhiteBoxObjective(thresholds=thresholds, kappa=kappa)
+    """The acceptance suite, from the attack library (adaptive attacks: step eps/8 = 2/256, reference §11)."""
+    def named(name: str, spec: AttackSpec) -> AttackSpec:
+        return replace(spec, name=name)
+
     return [
         # No thresholds: this attacker ignores the Shield, also when it picks its best iterate.
-        AttackSpec("pgd20", Objective(), PGDConfig(eps=EPS, steps=20),
-                   "targeted PGD-L∞ (CE), 20 steps, step 2.5ε/20, random start; ignores the Shield"),
-        AttackSpec(f"wb{steps}", wb, PGDConfig(eps=EPS, steps=steps, step_size=alpha),
-                   f"WB: minimise -S^t + J_cw (κ={kappa}), {steps} steps, step 2/256, random start"),
-        AttackSpec(f"wbd{steps}", wb, PGDConfig(eps=EPS, steps=steps, step_size=alpha, decay_steps=(steps // 2,)),
-                   f"WB_d: as WB, step ×0.1 at step {steps // 2}"),
-        AttackSpec(f"spgd{steps}", wb,
-                   PGDConfig(eps=EPS, steps=steps, step_size=alpha, decay_steps=(steps // 2,), direction="selective"),
-                   f"selective PGD (Bryniarski et al. 2022): J_cw until the target is reached, then -S^t only; "
-                   f"{steps} steps, step 2/256, ×0.1 at {steps // 2}"),
+        named("pgd20", build_attack("pgd_linf", eps=EPS, steps=20)),
+        named(f"wb{steps}", build_attack("wb", eps=EPS, steps=steps, thresholds=thresholds, kappa=kappa)),
+        named(f"wbd{steps}", build_attack("wbd", eps=EPS, steps=steps, thresholds=thresholds, kappa=kappa)),
+        named(f"spgd{steps}", build_attack("spgd", eps=EPS, steps=steps, thresholds=thresholds, kappa=kappa)),
     ]
 
 
@@ -119,8 +106,7 @@ def attack_metrics(net: AegisNet, x: Tensor, labels: np.ndarray, cushion, thresh
         adv_images = []
         for i in range(0, len(chosen), batch):
             idx = chosen[i:i + batch]
-            result = pgd(net, x[idx], torch.from_numpy(targets[i:i + batch]), spec.objective, spec.config,
-                         cushion=cushion)
+            result = spec(net, x[idx], torch.from_numpy(targets[i:i + batch]), cushion)
             adv_images.append(result.x_adv)
         adv = torch.cat(adv_images)
         linf = float((adv - x[chosen]).abs().flatten(1).max(1).values.max())
@@ -133,7 +119,8 @@ def attack_metrics(net: AegisNet, x: Tensor, labels: np.ndarray, cushion, thresh
         tpr95, tnr95 = tpr_at_tnr(clean_scores, successful_scores, 0.95)
         results[spec.name] = {
             "description": spec.description,
-            "eps": spec.config.eps, "steps": spec.config.steps, "max_linf": linf,
+            "eps": spec.eps, "norm": spec.norm, "steps": spec.steps, "max_linf": linf,
+            "max_l2": float((adv - x[chosen]).flatten(1).norm(dim=1).max()),
             "attempted": int(len(chosen)), "asr_label": float(reached.mean()),
             "auroc": auroc(clean_scores, successful_scores),
             "tpr_at_90tnr": tpr90, "tnr_realised_90": tnr90, "tpr_at_95tnr": tpr95, "tnr_realised_95": tnr95,

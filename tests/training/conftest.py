@@ -46,3 +46,14 @@ def small_net(xray_data):
             loss.backward()
             optimizer.step()
     return net.eval()
+
+
+@pytest.fixture(scope="session")
+def batch(small_net, xray_data):
+    """32 test images that the undefended model classifies correctly, and the other class as target."""
+    _, _, x, y = xray_data
+    with torch.no_grad():
+        correct = small_net.classifier(x).argmax(1) == y
+    x, y = x[correct][:32], y[correct][:32]
+    assert len(y) >= 24, "the small model should classify most test images correctly"
+    return x, y, 1 - y

@@ -1,11 +1,21 @@
-"""The attack engine (one PGD-family loop) and its objectives; see `engine.py` for the conventions."""
+"""The attack engine (one PGD-family loop), its objectives and hooks, and the named attack library.
+
+`library.build_attack(name, ...)` is the entry point for evaluations; `engine.py` states the conventions.
+"""
 
 from training.attacks.bpda import exact_cushion, through_cushion
-from training.attacks.engine import AttackResult, PGDConfig, Pipeline, pgd, quantise
-from training.attacks.objectives import (CWObjective, Objective, ShieldOnlyObjective, WhiteBoxObjective, cw_margin,
-                                         target_shield)
+from training.attacks.cw_l2 import cw_l2
+from training.attacks.engine import AttackResult, PGDConfig, Pipeline, judge, pgd, quantise
+from training.attacks.feature_attacks import fit_hfc_mixtures, nearest_guides
+from training.attacks.library import ATTACKS, AttackSpec, build_attack, eps_sweep
+from training.attacks.objectives import (CWObjective, FeatureObjective, GaussianMixture, HFCObjective, Objective,
+                                         ShieldOnlyObjective, WhiteBoxObjective, cw_margin, target_shield)
+from training.attacks.transforms import DiffJpeg, DiverseInput, GaussianSmoothing, RandomTranslate, gaussian_kernel
 
 __all__ = [
-    "AttackResult", "CWObjective", "Objective", "PGDConfig", "Pipeline", "ShieldOnlyObjective", "WhiteBoxObjective",
-    "cw_margin", "exact_cushion", "pgd", "quantise", "target_shield", "through_cushion",
+    "ATTACKS", "AttackResult", "AttackSpec", "CWObjective", "DiffJpeg", "DiverseInput", "FeatureObjective",
+    "GaussianMixture", "GaussianSmoothing", "HFCObjective", "Objective", "PGDConfig", "Pipeline", "RandomTranslate",
+    "ShieldOnlyObjective", "WhiteBoxObjective", "build_attack", "cw_l2", "cw_margin", "eps_sweep", "exact_cushion",
+    "fit_hfc_mixtures", "gaussian_kernel", "judge", "nearest_guides", "pgd", "quantise", "target_shield",
+    "through_cushion",
 ]

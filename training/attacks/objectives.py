@@ -4,6 +4,8 @@ Sign conventions (`attacks-reference.md` §0.4): attacks are targeted and *minim
 Every objective returns two per-example losses, `label` (reach the target class) and `detector` (be accepted by the
 target class's Shield, None for attacks that ignore the detector); the engine combines them by summing (WB),
 selecting (selective PGD) or orthogonalising (orthogonal PGD, Bryniarski et al. ICLR 2022).
+Feature-space objectives (Fea, HFC) name the classifier `layers` whose outputs they need; the engine passes those
+features (computed on the Cushioned image, in the same forward pass) to `losses`.
 """
 
 from __future__ import annotations
@@ -36,13 +38,19 @@ class Objective:
 
     thresholds: Tensor | None = None
 
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """1-indexed classifier layers whose features `losses` needs (none for logit / Shield objectives)."""
+        return ()
+
     def label_loss(self, logits: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(logits, target, reduction="none")
 
     def detector_loss(self, shield_logits: Tensor | None, target: Tensor) -> Tensor | None:
         return None
 
-    def losses(self, logits: Tensor, shield_logits: Tensor | None, target: Tensor) -> tuple[Tensor, Tensor | None]:
+    def losses(self, logits: Tensor, shield_logits: Tensor | None, target: Tensor,
+               features: list[Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
         return self.label_loss(logits, target), self.detector_loss(shield_logits, target)
 
     def accepted(self, shield_logits: Tensor | None, target: Tensor) -> Tensor:
@@ -93,3 +101,75 @@ class WhiteBoxObjective(CWObjective):
         if self.thresholds is None:
             raise ValueError("a hinged WhiteBoxObjective needs thresholds")
         return torch.clamp(self.thresholds.to(s.device)[target] + self.margin - s, min=0.0)
+
+
+@dataclass(frozen=True)
+class FeatureObjective(CWObjective):
+    """Fea (Sabour et al., ICLR 2016; `attacks-reference.md` §2.1): match the features of a guide image of the
+    target class at `feature_layers` (the Shield taps by default), so that the Shield sees a natural image.
+
+    detector = sum over layers of mean((f_l(C(x)) - f_l(C(x_guide)))^2) (per-layer mean: otherwise the largest
+    layer dominates); label = `label_weight` * J_cw (0: Sabour's pure feature matching).
+    `guides` holds, per layer, the guide features aligned with the attacked batch (one guide per image).
+    """
+
+    feature_layers: tuple[int, ...] = ()
+    guides: tuple[Tensor, ...] = ()
+    label_weight: float = 0.0
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return self.feature_layers
+
+    def losses(self, logits, shield_logits, target, features=None):
+        distance = sum(((f - g) ** 2).flatten(1).mean(1) for f, g in zip(features, self.guides))
+        return self.label_weight * cw_margin(logits, target, self.kappa), distance
+
+
+@dataclass(frozen=True)
+class GaussianMixture:
+    """One class's Gaussian mixture over one layer's globally average-pooled features (sklearn's parameters)."""
+
+    means: Tensor  # K x C
+    precision_cholesky: Tensor  # K x C x C, precision = L L^T
+    log_weights: Tensor  # K
+
+    def whitened(self, g: Tensor) -> Tensor:
+        """(g - mu_k*) L_k* for each row of g, with k* the most likely component (chosen without gradient)."""
+        with torch.no_grad():
+            residual = torch.einsum("nkc,kcd->nkd", g[:, None] - self.means, self.precision_cholesky)
+            log_det = torch.diagonal(self.precision_cholesky, dim1=1, dim2=2).log().sum(1)
+            best = (-0.5 * residual.pow(2).sum(2) + log_det + self.log_weights).argmax(1)
+        return torch.einsum("nc,ncd->nd", g - self.means[best], self.precision_cholesky[best])
+
+
+@dataclass(frozen=True)
+class HFCObjective(CWObjective):
+    """Hierarchical Feature Constraint (Yao et al., MICCAI 2021; `attacks-reference.md` §2.2), as in the official
+    `HFC_Attack.py`: J = J_cls + lambda * sum_l mean_c(((g_l(x) - mu_{l,k*}) L_{l,k*})^2), with g_l the spatial mean
+    of layer l and k* the target class's most likely mixture component. J_cls is CE (`use_cw` False) or the CW
+    margin with kappa (100 in the HFC code). `mixtures[c]` holds class c's mixture per layer of `feature_layers`.
+    """
+
+    feature_layers: tuple[int, ...] = ()
+    mixtures: tuple[tuple[GaussianMixture, ...], ...] = ()
+    weight: float = 1.0
+    use_cw: bool = False
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return self.feature_layers
+
+    def label_loss(self, logits, target):
+        return cw_margin(logits, target, self.kappa) if self.use_cw else F.cross_entropy(logits, target,
+                                                                                          reduction="none")
+
+    def losses(self, logits, shield_logits, target, features=None):
+        constraint = torch.zeros(len(target), device=logits.device)
+        for layer, f in enumerate(features):
+            pooled = f.flatten(2).mean(2)
+            for c in target.unique().tolist():
+                rows = target == c
+                whitened = self.mixtures[c][layer].whitened(pooled[rows])
+                constraint = constraint.index_add(0, rows.nonzero().squeeze(1), whitened.pow(2).mean(1))
+        return self.label_loss(logits, target), self.weight * constraint
