@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from training.audit.attacks import Attack, make_attack
+from training.audit.attacks import Attack, describe, make_attack
 from training.audit.checks import Trial
 from training.audit.harness import attack_set, correct_subset, shield_row
 from training.audit.tables import Context
@@ -34,8 +34,7 @@ def security_report(ctx: Context) -> dict:
     index = correct_subset(pred, y, s.eval_images, ctx.seed)
     # The acceptance suite (training.evaluate), then the sanity sweeps of WB: eps at fixed steps, half the steps.
     runs: list[tuple[str, Attack]] = [
-        (spec.name, Attack(spec, spec.name.rstrip("0123456789"), sees_shield=spec.objective.thresholds is not None))
-        for spec in attack_suite(thresholds_t, steps=s.adaptive_steps, kappa=kappa)]
+        (spec.name, describe(spec)) for spec in attack_suite(thresholds_t, steps=s.adaptive_steps, kappa=kappa)]
     for eps in s.eps_sweep:
         if eps != 16 / 256:
             runs.append((f"wb{s.adaptive_steps}@{eps * 256:g}",
@@ -47,8 +46,8 @@ def security_report(ctx: Context) -> dict:
         log.info("security report: %s on %d images", name, len(index))
         attacked = attack_set(ctx.net, attack, x, y, index, cushion, s.batch, ctx.seed)
         row, curve = shield_row(ctx.net, x, y, attacked, cushion, thresholds, s.bootstrap, ctx.seed, True)
-        cfg = attack.spec.config
-        rows.append({"attack": name, "description": attack.spec.description, "eps": cfg.eps, "eps_256": cfg.eps * 256,
+        cfg = attack.spec
+        rows.append({"attack": name, "description": cfg.description, "eps": cfg.eps, "eps_256": cfg.eps * 256,
                      "steps": cfg.steps, "status": "ok", **row})
         if cfg.eps == 16 / 256:
             ctx.curves[name] = curve

@@ -17,7 +17,7 @@ from torch import Tensor
 from models.cushion import NoCushion, parse_cushion
 from models.networks import AegisNet
 from training.attacks import Objective, PGDConfig, pgd
-from training.audit.attacks import make_attack
+from training.audit.attacks import AttackUnavailable, make_attack
 from training.audit.checks import Trial, announce, sanity_flags
 from training.audit.detectors import make_detector
 from training.audit.features import extract
@@ -48,6 +48,12 @@ class Context:
     def thresholds(self) -> np.ndarray:
         return np.array([self.manifest.thresholds[c] for c in self.manifest.classes])
 
+    @property
+    def extras(self) -> dict:
+        """What attacks beyond the bundle need: training images for Fea / HFC guides and mixtures (a trained
+        substitute for the transfer attack is not part of an audit yet)."""
+        return {"guide_pool": (self.data.x_train, torch.as_tensor(self.data.y_train))}
+
     def clean_test(self) -> tuple[Tensor, np.ndarray]:
         n = self.scale.clean_images or len(self.data.y_test)
         return self.data.x_test[:n], self.data.y_test[:n]
@@ -62,16 +68,16 @@ class Context:
                 "command": self.command, "seed": self.seed, "notes": notes, "sanity_flags": flags, "rows": rows}
 
 
-def _try_attack(name: str, **kwargs):
+def _try_attack(name: str, ctx: Context, **kwargs):
     try:
-        return make_attack(name, **kwargs), None
-    except NotImplementedError as error:
+        return make_attack(name, extras=ctx.extras, **kwargs), None
+    except AttackUnavailable as error:
         log.warning("NOT AVAILABLE: %s", error)
         return None, f"not available: {error}"
 
 
 def _trial(row: dict, attack, success_key: str = "sr_at_5fpr") -> Trial:
-    cfg = attack.spec.config
+    cfg = attack.spec
     return Trial(f"{row.get('defence', row.get('detector', ''))}/{attack.spec.name}", f"{row.get('defence', '')}/"
                  f"{attack.family}", cfg.eps, cfg.steps, row[success_key], row["attempted"], attack.kind)
 
@@ -89,7 +95,7 @@ def shield_table(ctx: Context, table: str, attack_names: list[str], adaptive: bo
         index = correct_subset(pred, y, ctx.scale.eval_images, ctx.seed)
         for name in attack_names:
             eps = EPS_L2 if name.endswith("l2") else EPS_LINF
-            attack, status = _try_attack(name, eps=eps, steps=steps, thresholds=thresholds_t,
+            attack, status = _try_attack(name, ctx, eps=eps, steps=steps, thresholds=thresholds_t,
                                          kappa=ctx.manifest.training.get("attack_kappa", 10.0))
             base = {"defence": defence, "attack": name, "cushion": cushion.describe()}
             if attack is None:
@@ -100,7 +106,7 @@ def shield_table(ctx: Context, table: str, attack_names: list[str], adaptive: bo
             row, curve = shield_row(ctx.net, x, y, attacked, cushion, ctx.thresholds, ctx.scale.bootstrap, ctx.seed,
                                     judge_bypass=cushion == ctx.cushion)
             rows.append({**base, "status": "ok", "description": attack.spec.description, "eps": eps,
-                         "steps": attack.spec.config.steps, **row})
+                         "steps": attack.spec.steps, **row})
             ctx.curves[f"{defence}/{name}"] = curve
             trials.append(_trial(rows[-1], attack))
     notes = [
@@ -116,7 +122,7 @@ def shield_table(ctx: Context, table: str, attack_names: list[str], adaptive: bo
 
 
 TABLE3_ATTACKS = ["fgsm", "bim", "pgd", "mim", "dim", "tim", "cw", "pgd_l2", "cw_l2", "tf"]
-TABLE4_ATTACKS = ["fea", "hfc", "wb", "wbd", "spgd", "opgd"]
+TABLE4_ATTACKS = ["fea", "hfc", "wb", "wbd", "spgd", "opgd", "apgd_wb", "wb_diffjpeg"]  # last two: beyond the paper
 SHIELD_COLUMNS = [("defence", "defence"), ("attack", "attack"), ("attempted", "n"), ("asr_label", "label ASR"),
                   ("auroc", "AUROC"), ("tpr_at_90tnr", "TPR@90%TNR"), ("sr_at_5fpr", "SR@5%FPR"),
                   ("bypass_rate", "bypass@τ"), ("status", "status")]
@@ -131,7 +137,7 @@ def table4(ctx: Context, attacks: list[str] | None = None) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ Table 2: baselines
-TABLE2_ATTACKS = ["hfc_mim", "hfc_bim", "hfc_pgd", "hfc_cw"]
+TABLE2_ATTACKS = ["hfc", "hfc_cw"]  # HFC on PGD (CE) and on the CW margin (the library's two HFC variants)
 BASELINE_COLUMNS = [("detector", "detector"), ("cushion", "Cushion"), ("attack", "attack"), ("attempted", "n"),
                     ("asr_label", "label ASR"), ("auroc", "AUROC"), ("tpr_at_90tnr", "TPR@90%TNR"),
                     ("sr_at_5fpr", "SR@5%FPR"), ("status", "status")]
@@ -153,7 +159,7 @@ def table2(ctx: Context, attacks: list[str] | None = None, detectors: tuple[str,
     thresholds_t = torch.from_numpy(ctx.thresholds).float()
     rows, trials = [], []
     for name in attacks:
-        attack, status = _try_attack(name, eps=EPS_LINF, steps=s.conventional_steps, thresholds=thresholds_t)
+        attack, status = _try_attack(name, ctx, eps=EPS_LINF, steps=s.conventional_steps, thresholds=thresholds_t)
         if attack is None:
             rows += [{"detector": d, "cushion": c, "attack": name, "status": status}
                      for c in ("none", "cushion") for d in (*detectors, "shield")]
@@ -333,7 +339,7 @@ def table5(ctx: Context, attacks: tuple[str, ...] = ("pgd", "cw", "hfc", "wb"),
         index = correct_subset(pred, y, ctx.scale.eval_images, ctx.seed)
         for name in attacks:
             steps = ctx.scale.adaptive_steps if name in ("wb", "wbd", "hfc", "fea") else ctx.scale.conventional_steps
-            attack, status = _try_attack(name, eps=EPS_LINF, steps=steps,
+            attack, status = _try_attack(name, ctx, eps=EPS_LINF, steps=steps,
                                          thresholds=torch.from_numpy(thresholds).float())
             base = {"ablation": ablation, "variant": variant, "attack": name, "clean_accuracy": accuracy}
             if attack is None:

@@ -4,10 +4,12 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from models.bundle import load_bundle
+from training.attacks.library import build_attack
 from training.audit.__main__ import main
-from training.audit.attacks import make_attack
+from training.audit.attacks import AttackUnavailable, describe, make_attack
 
 
 def test_security_report_lands_in_the_bundle_and_hashes_stay_valid(tiny_bundle_dir, kermany_dir, tmp_path):
@@ -31,14 +33,19 @@ def test_security_report_lands_in_the_bundle_and_hashes_stay_valid(tiny_bundle_d
     json.dumps(report)  # NaN-free: strict JSON for the service
 
 
-def test_missing_attacks_raise_naming_what_is_missing():
-    with pytest.raises(NotImplementedError, match="HFC.*library.py"):
-        make_attack("hfc_pgd", eps=16 / 256, steps=10)
+def test_attacks_that_lack_their_inputs_are_unavailable_not_substituted():
+    with pytest.raises(AttackUnavailable, match="guide_pool"):
+        make_attack("hfc", eps=16 / 256, steps=10, thresholds=torch.zeros(2))
+    with pytest.raises(AttackUnavailable, match="substitute"):
+        make_attack("tf", eps=16 / 256, steps=10)
     with pytest.raises(ValueError, match="unknown attack"):
         make_attack("pgd_l7", eps=16 / 256, steps=10)
 
 
-def test_adapter_attacks_respect_their_budget_and_signature():
-    attack = make_attack("wbd", eps=16 / 256, steps=100)
-    assert attack.sees_shield and attack.spec.config.decay_steps == (50,)
-    assert not make_attack("pgd", eps=16 / 256, steps=10).sees_shield
+def test_adapter_maps_the_tables_names_onto_the_library():
+    thresholds = torch.zeros(2)
+    wbd = make_attack("wbd", eps=16 / 256, steps=100, thresholds=thresholds)
+    assert wbd.sees_shield and wbd.family == "wbd" and (wbd.spec.eps, wbd.spec.steps) == (16 / 256, 100)
+    pgd = make_attack("pgd", eps=8 / 256, steps=10, thresholds=thresholds)
+    assert not pgd.sees_shield and pgd.spec.name == "pgd_linf" and pgd.spec.eps == 8 / 256
+    assert describe(build_attack("pgd_linf", steps=20)).family == "pgd_linf"
