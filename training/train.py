@@ -156,6 +156,19 @@ def load_checkpoint(out: Path) -> dict | None:
     return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
 
 
+def load_trained_classifier(run_dir: Path) -> nn.Module:
+    """The trained classifier of a run folder (its config.json + checkpoint.pt), e.g. a transfer attack's
+    substitute trained with `--set backbone=vgg16 --set shield_epochs=0 --skip-eval`."""
+    cfg = load_config(None, json.loads((run_dir / "config.json").read_text()))
+    net = build_aegis(cfg.backbone, len(CLASSES[cfg.dataset]), cfg.channels, (cfg.image_size, cfg.image_size),
+                      cfg.taps, cfg.shield_width)
+    state = load_checkpoint(run_dir)
+    if state is None or len(state["history"]["classifier"]) < cfg.clf_epochs:
+        raise SystemExit(f"{run_dir} holds no finished classifier")
+    net.load_state_dict(state["model"])
+    return net.classifier.eval()
+
+
 def _progress(iterable, rt: Runtime, desc: str):
     return tqdm(iterable, desc=desc, disable=not rt.main, mininterval=1 if sys.stderr.isatty() else 30,
                 dynamic_ncols=True, leave=False)

@@ -132,3 +132,14 @@ def test_adversarial_batch_replaces_its_share_with_in_budget_images_the_classifi
         clean_wrong = (model.eval()(x[:8]).argmax(1) != y[:8]).sum()
         adv_wrong = (model(mixed[:8]).argmax(1) != y[:8]).sum()
     assert adv_wrong > clean_wrong
+
+
+def test_a_run_folder_gives_back_its_trained_classifier(tiny_run):
+    from training.train import load_checkpoint, load_trained_classifier
+
+    classifier = load_trained_classifier(tiny_run)
+    saved = load_checkpoint(tiny_run)["model"]
+    assert not classifier.training
+    for name, tensor in classifier.state_dict().items():
+        assert torch.equal(tensor, saved[f"classifier.{name}"]), name
+    assert classifier(torch.rand(3, 1, 32, 32)).shape == (3, 2)

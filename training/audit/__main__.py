@@ -36,6 +36,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="override a scale field, e.g. --set eval_images=32")
     parser.add_argument("--attacks", help="comma-separated attack names (tables 2-5)")
     parser.add_argument("--out", type=Path, help="output folder of a table (default: results/<table>)")
+    parser.add_argument("--substitute", type=Path, help="run folder of a classifier trained on the same data, the "
+                        "transfer attack's source (e.g. --set backbone=vgg16 --set shield_epochs=0 --skip-eval)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     return parser
@@ -63,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     data = load_audit_data(dataset, args.data_dir, m.input, train_images, scale.clean_images, args.seed)
     ctx = tables.Context(load_aegis(bundle), m, data, scale, args.seed,
                          shlex.join(["python", "-m", "training.audit", *argv]))
+    if args.substitute is not None:
+        from training.train import load_trained_classifier
+
+        ctx.substitute = load_trained_classifier(args.substitute)
     attacks = args.attacks.split(",") if args.attacks else None
     if args.command == "report":
         result = security_report(ctx)

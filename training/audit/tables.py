@@ -39,6 +39,7 @@ class Context:
     seed: int = 0
     command: str = ""
     curves: dict = field(default_factory=dict)
+    substitute: torch.nn.Module | None = None  # the transfer attack's undefended source model
 
     @property
     def cushion(self):
@@ -50,9 +51,9 @@ class Context:
 
     @property
     def extras(self) -> dict:
-        """What attacks beyond the bundle need: training images for Fea / HFC guides and mixtures (a trained
-        substitute for the transfer attack is not part of an audit yet)."""
-        return {"guide_pool": (self.data.x_train, torch.as_tensor(self.data.y_train))}
+        """What attacks beyond the bundle need: training images for Fea / HFC guides and mixtures, and the trained
+        substitute of the transfer attack (`--substitute RUN_DIR`)."""
+        return {"guide_pool": (self.data.x_train, torch.as_tensor(self.data.y_train)), "substitute": self.substitute}
 
     def clean_test(self) -> tuple[Tensor, np.ndarray]:
         n = self.scale.clean_images or len(self.data.y_test)
