@@ -63,22 +63,29 @@ def test_default_bundle_quality_on_the_kermany_test_split(bundle, test_split):
     assert rejected.mean() < 0.15  # calibrated for 5% on validation; the test folder is shifted
 
 
-def test_default_bundle_rejects_pgd_that_ignores_the_shield(bundle, test_split):
+def test_default_bundle_pgd_figure_in_its_manifest_is_reproducible(bundle, test_split):
+    """PGD-20 that ignores the Shield, re-run on other test images: the share of successful attacks the Shield
+    rejects agrees with the manifest's figure (measured on 150 images) within sampling noise."""
     from training.attacks import Objective, PGDConfig, pgd
     from training.evaluate import predict
 
     _, labels, x_uint8 = test_split
     net = load_aegis(bundle)
-    x = torch.from_numpy(x_uint8[:40]).permute(0, 3, 1, 2).float() / 255
-    y = labels[:40]
+    pick = np.random.default_rng(1).permutation(len(labels))[:80]  # both classes, as in the manifest's sample
+    x = torch.from_numpy(x_uint8[pick]).permute(0, 3, 1, 2).float() / 255
+    y = labels[pick]
     logits, _ = predict(net, x, bundle.cushion)
     keep = logits.argmax(1) == y
     x, target = x[keep], torch.from_numpy(1 - y[keep])
     torch.manual_seed(0)
     adv = pgd(net, x, target, Objective(), PGDConfig(eps=16 / 256, steps=20), cushion=bundle.cushion).x_adv
+    assert (adv - x).abs().max() <= 16 / 256 + 1e-6
     adv_logits, adv_shields = predict(net, adv, bundle.cushion)
     reached = adv_logits.argmax(1) == target.numpy()
     thresholds = np.array([bundle.manifest.thresholds[c] for c in bundle.manifest.classes])
     accepted = adv_shields[np.arange(len(target)), target.numpy()] >= thresholds[target.numpy()]
-    assert reached.mean() >= 0.8
-    assert (~accepted[reached]).mean() >= 0.8  # measured 0.88 on 150 images (model card); the target is 0.95
+    claimed = bundle.manifest.metrics["attacks"]["pgd20"]["rejected_of_successful"]
+    measured = float((~accepted[reached]).mean())
+    n = int(reached.sum())
+    assert reached.mean() >= 0.8 and n >= 30
+    assert abs(measured - claimed) <= 3 * np.sqrt(max(claimed * (1 - claimed), 0.05) / n) + 0.02, (measured, claimed)
