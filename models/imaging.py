@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
 ResizePolicy = Literal["stretch", "center_crop"]
@@ -31,7 +31,11 @@ class InputSpec(BaseModel):
 
 
 def prepare_image(image: Image.Image | np.ndarray, spec: InputSpec) -> np.ndarray:
-    """Convert to the spec's channels (L or RGB) and size with Lanczos resampling; returns uint8 H x W x C."""
+    """Upright per EXIF orientation, then convert to the spec's channels (L or RGB) and size with Lanczos
+    resampling; returns uint8 H x W x C. Camera JPEGs (fundus photographs) often store the pixels sideways and the
+    rotation in EXIF; a model must see what the clinician sees."""
+    if isinstance(image, Image.Image):
+        image = ImageOps.exif_transpose(image)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise TypeError(f"expected a uint8 array, got {image.dtype}")

@@ -31,3 +31,17 @@ def test_grayscale_to_rgb_replicates():
 def test_non_uint8_arrays_are_refused():
     with pytest.raises(TypeError):
         prepare_image(np.zeros((8, 8), dtype=np.uint16), InputSpec(channels=1, height=8, width=8))
+
+
+def test_exif_orientation_is_applied_so_the_model_sees_the_upright_image(tmp_path):
+    import io
+
+    upright = np.arange(24 * 40, dtype=np.uint8).reshape(24, 40)  # wider than tall
+    stored = np.rot90(upright)  # the camera stored the pixels sideways: 40 x 24 ...
+    exif = Image.Exif()
+    exif[0x0112] = 6  # ... and the rotation in EXIF (orientation 6: turn 90° clockwise to display)
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(stored)).save(buffer, format="PNG", exif=exif)
+    spec = InputSpec(channels=1, height=24, width=40)
+    prepared = prepare_image(Image.open(io.BytesIO(buffer.getvalue())), spec)
+    np.testing.assert_array_equal(prepared[:, :, 0], upright)
