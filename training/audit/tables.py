@@ -28,6 +28,7 @@ from training.evaluate import predict
 
 log = logging.getLogger("aegis.audit")
 EPS_LINF, EPS_L2 = 16 / 256, 8 / 256  # paper §4.1 (the L2 budget is tiny: `attacks-reference.md` §0.1)
+JPEG_SURROGATE_ATTACKS = {"wb_diffjpeg", "wb_eot"}  # their backward pass is a differentiable JPEG
 
 
 @dataclass
@@ -99,6 +100,8 @@ def shield_table(ctx: Context, table: str, attack_names: list[str], adaptive: bo
             attack, status = _try_attack(name, ctx, eps=eps, steps=steps, thresholds=thresholds_t,
                                          kappa=ctx.manifest.training.get("attack_kappa", 10.0))
             base = {"defence": defence, "attack": name, "cushion": cushion.describe()}
+            if attack is not None and name in JPEG_SURROGATE_ATTACKS and getattr(cushion, "kind", None) != "jpeg":
+                attack, status = None, "not applicable: differentiates through a JPEG Cushion this defence lacks"
             if attack is None:
                 rows.append({**base, "status": status})
                 continue
