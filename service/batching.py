@@ -8,8 +8,8 @@ The wait is only paid when it can pay off: when no other request is on its way (
 see `incoming`), the batch leaves at once, so a lone request never waits `max_batch_wait_seconds` for nobody.
 
 Every model call runs on one dedicated thread (`executor`, one worker): ONNX Runtime's CUDA provider keeps its
-cuDNN/cuBLAS handles per calling thread, and a pool that hands batches to ever new threads would pay their creation
-(~0.3-0.6 s each, measured on an H100) on the request path.
+cuDNN/cuBLAS handles per calling thread, so a pool that hands batches to new threads would create them on the request
+path. (On an H100 this alone did not remove the ~0.5 s batches seen under load; see docs/gpu.md.)
 
 The queue is bounded: when `max_queue` requests are waiting, `submit` raises `Overloaded` (503 + Retry-After) at once
 instead of letting latency grow without bound. A request that waits longer than its timeout gets `RequestTimeout`;

@@ -183,7 +183,7 @@ def test_overloaded_and_timeout_errors_carry_retry_after():
 
 def test_session_creation_warm_up_and_every_batch_run_on_one_inference_thread(bundle_dir, image_paths):
     """ONNX Runtime's CUDA provider keeps cuDNN/cuBLAS handles per calling thread: a batch on a fresh thread pays
-    their creation (seen as ~0.6 s batches under load on an H100), so every model call must use the same thread."""
+    their creation, so every model call must use the same thread."""
     threads: list[int] = []
 
     def factory(bundle, settings):
