@@ -51,10 +51,10 @@ def check_runner(bundle_dir: Path, device: str) -> dict:
 def check_service(bundle_dir: Path, device: str) -> dict:
     import httpx
 
-    from service.bench import _start
+    from service.bench import start_server
 
     env = {"AEGIS_AUTH_DISABLED": "true", "AEGIS_DEVICE": device, "AEGIS_LOG_LEVEL": "WARNING"}
-    process, base = _start(["-m", "service", "--bundle", str(bundle_dir)], env)
+    process, base = start_server(["-m", "service", "--bundle", str(bundle_dir)], env)
     try:
         sample = sorted((REPO / "samples").glob("*.png"))[0].read_bytes()
         answer = httpx.post(f"{base}/v1/diagnose", content=sample, headers={"content-type": "image/png"},

@@ -9,7 +9,9 @@ Prints figures; it is not a timed test. Run on the machine whose figures you rep
 2. defence cost: Cushion (per image, one core) and the full graph (classifier + Shields) against the classifier-only
    subgraph (`logits` only, cut with `onnx.utils.extract_model`; needs the `onnx` package, from the train extra).
 3. service: `python -m service` in a subprocess, driven by an httpx client at concurrency 1, 8 and 32 (raw PNG bodies);
-   throughput and p50/p95/p99 latency. The client shares the machine's cores with the server.
+   throughput and p50/p95/p99 latency. The client shares the machine's cores with the server, so each row also says
+   how many cores the server and the client used (Linux /proc): on a small machine the load generator's share is
+   part of the answer, and "server cores < cores available" means the server was not CPU-bound.
 4. naive: the same decode -> prepare -> Cushion -> ORT -> decision done inline per request (batch 1, blocking the event
    loop), the way a first version usually looks; same client, same concurrency.
 """
@@ -119,7 +121,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+def start_server(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """`python ARGS --port P` in a subprocess, waited on until /readyz answers 200: (process, base url)."""
     import httpx
 
     port = _free_port()
@@ -175,6 +178,32 @@ async def _load(base: str, path: str, images: list[bytes], concurrency: int, sec
     q = np.percentile(latencies, [50, 95, 99]) if latencies else [float("nan")] * 3
     return {"concurrency": concurrency, "requests_per_second": len(latencies) / elapsed, "p50_ms": q[0] * 1e3,
             "p95_ms": q[1] * 1e3, "p99_ms": q[2] * 1e3, "errors": errors}
+
+
+def _process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process (all its threads), from /proc; None where /proc is missing."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _measured_load(process: subprocess.Popen, base: str, path: str, images: list[bytes], concurrency: int,
+                   seconds: float) -> dict:
+    """`_load`, plus the cores the server process and this client process used while it ran (warm-up included)."""
+    import resource
+
+    def client_cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    server0, client0, started = _process_cpu_seconds(process.pid), client_cpu(), time.perf_counter()
+    row = asyncio.run(_load(base, path, images, concurrency, seconds))
+    server1, client1, elapsed = _process_cpu_seconds(process.pid), client_cpu(), time.perf_counter() - started
+    row["server_cores"] = None if server0 is None or server1 is None else (server1 - server0) / elapsed
+    row["client_cores"] = (client1 - client0) / elapsed
+    return row
 
 
 def naive_app(bundle_dir: str | None):
@@ -255,9 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         bundle_args = ["--bundle", str(bundle.root)]
         for name, cmd, path in (("service", ["-m", "service", *bundle_args], "/v1/diagnose"),
                                 ("naive", ["-m", "service.bench", "--serve-naive", *bundle_args], "/naive")):
-            process, base = _start(cmd, env)
+            process, base = start_server(cmd, env)
             try:
-                rows = [asyncio.run(_load(base, path, images, c, args.seconds)) for c in args.concurrency]
+                rows = [_measured_load(process, base, path, images, c, args.seconds) for c in args.concurrency]
             finally:
                 process.terminate()
                 process.wait(60)
@@ -265,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
             for row in rows:
                 print(f"{name:8s} c={row['concurrency']:3d}: {row['requests_per_second']:8.1f} req/s  "
                       f"p50 {row['p50_ms']:7.1f} ms  p95 {row['p95_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  "
-                      f"errors {row['errors']}")
+                      f"errors {row['errors']}  cores: server {row['server_cores'] or float('nan'):.2f} "
+                      f"client {row['client_cores']:.2f}")
         top = {row["concurrency"]: row["requests_per_second"] for row in figures["service"]}
         naive = {row["concurrency"]: row["requests_per_second"] for row in figures["naive"]}
         c = max(top)

@@ -30,7 +30,7 @@ def key_matches(presented: str, keys: tuple[bytes, ...]) -> bool:
     return matched
 
 
-def require_api_key(request: Request) -> None:
+async def require_api_key(request: Request) -> None:
     """FastAPI dependency for the protected routes (diagnose, model); a no-op when auth is explicitly disabled."""
     state = request.app.state.aegis
     if state.settings.auth_disabled:

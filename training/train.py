@@ -156,16 +156,25 @@ def load_checkpoint(out: Path) -> dict | None:
     return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
 
 
+def load_finished_classifier(run_dir: Path) -> tuple[TrainConfig, dict, list]:
+    """(config, classifier weights, classifier history) of a run folder whose classifier stage finished; a run
+    still training its classifier is refused (its weights are not the model its config describes)."""
+    cfg = load_config(None, json.loads((run_dir / "config.json").read_text()))
+    state = load_checkpoint(run_dir)
+    done = [] if state is None else state["history"]["classifier"]
+    if len(done) < cfg.clf_epochs:
+        raise SystemExit(f"{run_dir} holds an unfinished classifier ({len(done)} of {cfg.clf_epochs} epochs)")
+    weights = {k.removeprefix("classifier."): v for k, v in state["model"].items() if k.startswith("classifier.")}
+    return cfg, weights, done
+
+
 def load_trained_classifier(run_dir: Path) -> nn.Module:
     """The trained classifier of a run folder (its config.json + checkpoint.pt), e.g. a transfer attack's
     substitute trained with `--set backbone=vgg16 --set shield_epochs=0 --skip-eval`."""
-    cfg = load_config(None, json.loads((run_dir / "config.json").read_text()))
+    cfg, weights, _ = load_finished_classifier(run_dir)
     net = build_aegis(cfg.backbone, len(CLASSES[cfg.dataset]), cfg.channels, (cfg.image_size, cfg.image_size),
                       cfg.taps, cfg.shield_width)
-    state = load_checkpoint(run_dir)
-    if state is None or len(state["history"]["classifier"]) < cfg.clf_epochs:
-        raise SystemExit(f"{run_dir} holds no finished classifier")
-    net.load_state_dict(state["model"])
+    net.classifier.load_state_dict(weights)
     return net.classifier.eval()
 
 
@@ -343,9 +352,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="run folder: log, config, checkpoint, bundle")
     parser.add_argument("--bundle-dir", type=Path, help="where to write the bundle (default: <out>/bundle)")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    parser.add_argument("--classifier-from", type=Path, metavar="CHECKPOINT",
-                        help="take the trained classifier of another run's checkpoint.pt and train only the Shields "
-                             "(ablations over Shield settings share one classifier)")
+    parser.add_argument("--classifier-from", type=Path, metavar="RUN",
+                        help="train only the Shields, on the finished classifier of another run (its folder or its "
+                             "checkpoint.pt): ablations over Shield settings share one classifier")
     parser.add_argument("--skip-eval", action="store_true", help="export without the attack evaluation")
     parser.add_argument("--save-rank-weights", action="store_true",
                         help="each rank writes <out>/rank<k>.pt after training (the DDP consistency test)")
@@ -380,14 +389,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info("resuming after %s epoch %d", checkpoint["stage"], checkpoint["epoch"] + 1)
     history = checkpoint["history"] if checkpoint is not None else {"classifier": [], "shield": []}
     if checkpoint is None and args.classifier_from is not None:
-        source = torch.load(args.classifier_from, map_location="cpu", weights_only=False)
-        planned = json.loads((args.classifier_from.parent / "config.json").read_text())["clf_epochs"]
-        if len(source["history"]["classifier"]) < planned:
-            raise SystemExit(f"{args.classifier_from} holds an unfinished classifier "
-                             f"({len(source['history']['classifier'])} of {planned} epochs)")
-        net.classifier.load_state_dict({k.removeprefix("classifier."): v for k, v in source["model"].items()
-                                        if k.startswith("classifier.")})
-        history["classifier"] = source["history"]["classifier"]
+        source = args.classifier_from if args.classifier_from.is_dir() else args.classifier_from.parent
+        _, weights, history["classifier"] = load_finished_classifier(source)
+        net.classifier.load_state_dict(weights)
         log.info("classifier taken from %s (%d epochs)", args.classifier_from, len(history["classifier"]))
     elif checkpoint is None or checkpoint["stage"] == "classifier":
         train_classifier(cfg, net, splits, cushion, rt, out, checkpoint, history)

@@ -1,4 +1,8 @@
-"""`Annotated` dependency aliases so that route signatures read as plain typed parameters."""
+"""`Annotated` dependency aliases so that route signatures read as plain typed parameters.
+
+Every dependency is `async def`: FastAPI runs a plain `def` dependency in a worker thread, a hop per request that
+these non-blocking checks do not need.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +15,11 @@ from service.security import require_api_key
 from service.state import ServiceState
 
 
-def get_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
     return request.app.state.aegis
 
 
-def get_ready_state(request: Request) -> ServiceState:
+async def get_ready_state(request: Request) -> ServiceState:
     state: ServiceState = request.app.state.aegis
     if not state.ready or state.pipeline is None or state.batcher is None:
         raise NotReady("the model is not loaded and warmed up yet")

@@ -143,3 +143,20 @@ def test_a_run_folder_gives_back_its_trained_classifier(tiny_run):
     for name, tensor in classifier.state_dict().items():
         assert torch.equal(tensor, saved[f"classifier.{name}"]), name
     assert classifier(torch.rand(3, 1, 32, 32)).shape == (3, 2)
+
+
+def test_a_run_whose_classifier_is_unfinished_is_refused(tiny_run, tmp_path):
+    import shutil
+
+    from training.train import load_finished_classifier
+
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    shutil.copy(tiny_run / "checkpoint.pt", unfinished / "checkpoint.pt")
+    config = json.loads((tiny_run / "config.json").read_text())
+    config["clf_epochs"] += 5  # the checkpoint now holds fewer classifier epochs than its run planned
+    (unfinished / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match="unfinished classifier"):
+        load_finished_classifier(unfinished)
+    cfg, weights, history = load_finished_classifier(tiny_run)
+    assert len(history) == cfg.clf_epochs and all(not k.startswith("classifier.") for k in weights)
