@@ -7,8 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from models.cushion import JpegCushion
 from models.imaging import InputSpec
 from models.networks import build_aegis
+from training.attacks import exact_cushion
 from training.data import load_images, load_records, split_validation
 
 SIZE = 32
@@ -57,3 +59,13 @@ def batch(small_net, xray_data):
     x, y = x[correct][:32], y[correct][:32]
     assert len(y) >= 24, "the small model should classify most test images correctly"
     return x, y, 1 - y
+
+
+@pytest.fixture(scope="session")
+def thresholds(small_net, xray_data):
+    """Per-class median Shield logit of clean Cushioned test images: half the clean images would be rejected."""
+    _, _, x, _ = xray_data
+    with torch.no_grad():
+        logits, shields = small_net(exact_cushion(x, JpegCushion()))
+    pred = logits.argmax(1)
+    return torch.stack([shields[pred == c, c].median() for c in range(2)])

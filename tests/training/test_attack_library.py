@@ -23,16 +23,6 @@ def images(batch):
 
 
 @pytest.fixture(scope="module")
-def thresholds(small_net, xray_data):
-    """Per-class median Shield logit of clean Cushioned test images: half the clean images would be rejected."""
-    _, _, x, _ = xray_data
-    with torch.no_grad():
-        logits, shields = small_net(exact_cushion(x, JpegCushion()))
-    pred = logits.argmax(1)
-    return torch.stack([shields[pred == c, c].median() for c in range(2)])
-
-
-@pytest.fixture(scope="module")
 def guide_pool(xray_data):
     x, y, _, _ = xray_data
     chosen = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:120]  # the data are sorted by class

@@ -170,6 +170,12 @@ def _project(x: Tensor, x0: Tensor, eps: float, norm: str) -> Tensor:
     return _onto_l2_grid((x0 + delta).clamp(0, 1), x0, eps)
 
 
+def into_budget(x: Tensor, x0: Tensor, eps: float, norm: str = "linf") -> Tensor:
+    """The uint8 image nearest `x` whose perturbation of `x0` stays inside the budget: for images made by code outside
+    the engine (its projection is continuous, and rounding alone can step past eps by half a level)."""
+    return quantise(_project(x, x0, eps, norm))
+
+
 def _random_start(x0: Tensor, eps: float, norm: str) -> Tensor:
     if norm == "linf":
         return (x0 + torch.empty_like(x0).uniform_(-eps, eps)).clamp(0, 1)

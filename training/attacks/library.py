@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from training.attacks.cw_l2 import cw_l2
 from training.attacks.engine import AttackResult, PGDConfig, judge, pgd
 from training.attacks.feature_attacks import fit_hfc_mixtures, nearest_guides
-from training.attacks.objectives import CWObjective, FeatureObjective, HFCObjective, Objective, WhiteBoxObjective
+from training.attacks.objectives import (CWObjective, FeatureObjective, HFCObjective, Objective,
+                                        RejectClassObjective, WhiteBoxObjective)
 from training.attacks.transforms import DiffJpeg, DiverseInput, GaussianSmoothing, RandomTranslate
 
 LINF_EPS = 16 / 256  # paper §4.1
@@ -163,6 +164,14 @@ def _wb(eps, steps, thresholds, kappa=10.0, restarts=1):
                         "BPDA identity", _white_box(thresholds, kappa), _wb_config(eps, steps, restarts))
 
 
+def _wb_n1(eps, steps, thresholds, restarts=1):
+    if thresholds is None:
+        raise ValueError("attacks on the Shield need the bundle's thresholds (thresholds=...)")
+    return _engine_spec("wb_n1", f"PGD on targeted CE of the (N+1)-class wrapper (reject = class N+1; Carlini & "
+                        f"Wagner 2017), {steps} steps of eps/8, random start, BPDA identity",
+                        RejectClassObjective(thresholds=thresholds), _wb_config(eps, steps, restarts))
+
+
 def _wbd(eps, steps, thresholds, kappa=10.0, restarts=1):
     return _engine_spec("wbd", f"WB_d: as WB, step x0.1 at step {steps // 2}", _white_box(thresholds, kappa),
                         _wb_config(eps, steps, restarts, decay_steps=(steps // 2,)))
@@ -275,6 +284,7 @@ ATTACKS: dict[str, _Entry] = {
     "cw_l2": _Entry(_cw_l2, None, 1000, "Carlini-Wagner L2 with binary search on c (minimum distortion)"),
     "transfer_vgg16": _Entry(_transfer, LINF_EPS, 20, "MI-DI-TI-FGSM on a substitute (pass substitute=)"),
     "wb": _Entry(_wb, LINF_EPS, 100, "white-box -S^t + J_cw, BPDA identity (paper)"),
+    "wb_n1": _Entry(_wb_n1, LINF_EPS, 100, "white-box CE on the (N+1)-class wrapper (Carlini & Wagner 2017)"),
     "wbd": _Entry(_wbd, LINF_EPS, 100, "WB with step decay at 50 (paper)"),
     "spgd": _Entry(_two_objective("selective"), LINF_EPS, 100, "selective PGD (Bryniarski et al. 2022)"),
     "opgd": _Entry(_two_objective("orthogonal"), LINF_EPS, 100, "orthogonal PGD (Bryniarski et al. 2022)"),

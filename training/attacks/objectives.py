@@ -28,6 +28,15 @@ def target_shield(shield_logits: Tensor, target: Tensor) -> Tensor:
     return shield_logits.gather(1, target[:, None]).squeeze(1)
 
 
+def reject_as_class(logits: Tensor, shield_logits: Tensor, thresholds: Tensor) -> Tensor:
+    """The (N+1)-class view of the defended decision (Carlini & Wagner, AISec 2017): the N class logits, then a
+    'rejected' logit max_j z_j + (tau_k - S^k) for the predicted class k. It tops every class logit exactly when the
+    Shield of k rejects (accept iff S^k >= tau_k), so argmax = t < N means "diagnosed t and accepted"."""
+    k = logits.argmax(1, keepdim=True)
+    margin = thresholds.to(shield_logits.device)[k] - shield_logits.gather(1, k)
+    return torch.cat([logits, logits.max(1, keepdim=True).values + margin], 1)
+
+
 @dataclass(frozen=True)
 class Objective:
     """Base: targeted cross-entropy on the classifier (conventional PGD/BIM/FGSM); the Shield is ignored.
@@ -70,6 +79,18 @@ class CWObjective(Objective):
 
     def label_loss(self, logits: Tensor, target: Tensor) -> Tensor:
         return cw_margin(logits, target, self.kappa)
+
+
+@dataclass(frozen=True)
+class RejectClassObjective(Objective):
+    """Targeted CE on `reject_as_class`: one loss for "reach t and be accepted", balanced by the softmax instead of
+    WB's sum of a margin and an unbounded -S^t. On a small test model an outside PGD on this form beat our WB at the
+    same budget and steps (tests/training/audit/test_crosscheck.py), so the library carries it too."""
+
+    def losses(self, logits, shield_logits, target, features=None):
+        if self.thresholds is None or shield_logits is None:
+            raise ValueError("the (N+1)-class objective needs Shield logits and thresholds")
+        return F.cross_entropy(reject_as_class(logits, shield_logits, self.thresholds), target, reduction="none"), None
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ ALIASES = {"pgd": "pgd_linf", "cw": "cw_linf", "tf": "transfer_vgg16"}
 # Attacks that ignore the Shield: run on the classifier alone (same result, a fraction of the compute).
 CONVENTIONAL = {"fgsm", "bim", "pgd_linf", "pgd_l2", "mim", "dim", "tim", "cw_linf", "cw_l2", "apgd_ce",
                 "transfer_vgg16"}
+EXTERNAL = {"torchattacks_pgd"}  # attack code this project did not write (training/audit/crosscheck.py)
 NEEDS = {"fea": "guide_pool", "fea_cw": "guide_pool", "hfc": "guide_pool", "hfc_cw": "guide_pool",
          "transfer_vgg16": "substitute"}
 
@@ -53,21 +54,35 @@ def make_attack(name: str, *, eps: float, steps: int, thresholds: Tensor | None 
     the others' success end-to-end; `kappa` is the CW confidence of the adaptive objectives; `extras` may hold
     `guide_pool=(x_train, y_train)` and `substitute=<trained classifier>`."""
     library_name = ALIASES.get(name, name)
+    if library_name in EXTERNAL:
+        return _external(library_name, eps, steps, thresholds)
     if library_name not in ATTACKS:
-        raise ValueError(f"unknown attack {name!r}; known: {sorted({*ATTACKS, *ALIASES})}")
+        raise ValueError(f"unknown attack {name!r}; known: {sorted({*ATTACKS, *ALIASES, *EXTERNAL})}")
     options: dict = {}
     need = NEEDS.get(library_name)
     if need is not None:
         if not extras or extras.get(need) is None:
             raise AttackUnavailable(f"attack {name!r} needs {need}= (not provided to this audit)")
         options[need] = extras[need]
-    if library_name not in CONVENTIONAL and library_name not in ("hfc", "hfc_cw"):  # HFC keeps its own kappa
+    if library_name not in CONVENTIONAL and library_name not in ("hfc", "hfc_cw", "wb_n1"):  # HFC: own kappa; N+1: CE
         options["kappa"] = kappa
     conventional = library_name in CONVENTIONAL
     spec = build_attack(library_name, eps=eps, steps=steps, thresholds=None if conventional else thresholds,
                         **options)
     return Attack(spec, library_name, sees_shield=not conventional,
                   kind="transfer" if library_name == "transfer_vgg16" else "white-box")
+
+
+def _external(name: str, eps: float, steps: int, thresholds: Tensor | None) -> Attack:
+    from training.audit.crosscheck import torchattacks_pgd
+
+    try:
+        import torchattacks  # noqa: F401 - a dev dependency, not a training one
+    except ImportError:
+        raise AttackUnavailable(f"attack {name!r} needs the torchattacks package (the dev extra)") from None
+    if thresholds is None:
+        raise AttackUnavailable(f"attack {name!r} attacks the Shield and needs the bundle's thresholds")
+    return Attack(torchattacks_pgd(eps, steps, thresholds), "external", sees_shield=True)
 
 
 def targets_for(labels: Tensor, num_classes: int, seed: int) -> Tensor:
