@@ -56,7 +56,12 @@ class LayerStatisticDetector:
         return self
 
     def score(self, features: Features) -> np.ndarray:
-        z = self.scaler.transform(self.layer_scores(features))
+        layers = self.layer_scores(features)
+        bad = np.flatnonzero(~np.isfinite(layers).all(0))
+        if bad.size:
+            raise ValueError(f"{self.name}: non-finite scores in layer column(s) {bad.tolist()} "
+                             f"({int((~np.isfinite(layers)).sum())} values)")
+        z = self.scaler.transform(layers)
         return z.mean(1) if self.combiner == "mean" else self.regression.decision_function(z)
 
 

@@ -58,7 +58,8 @@ def security_report(ctx: Context) -> dict:
         if cfg.eps == 16 / 256:
             ctx.curves[name] = curve
         family = attack.family
-        trials.append(Trial(name, family, cfg.eps, cfg.steps, row["bypass_rate"], row["attempted"], attack.kind))
+        success = row["bypass_rate"] if attack.sees_shield else row["asr_label"]  # what the attack optimises
+        trials.append(Trial(name, family, cfg.eps, cfg.steps, success, row["attempted"], attack.kind))
     notes = [
         "Attacks: targeted, L∞, through the bundle's real Cushion with BPDA (identity backward), quantised to uint8, "
         "judged at the bundle's thresholds. attempted = correctly classified clean test images.",

@@ -1,5 +1,7 @@
 """The sanity flags fire on synthetic bad results and stay quiet on good ones."""
 
+import torch
+
 from training.audit.checks import Trial, sanity_flags
 
 E = 16 / 256
@@ -37,3 +39,19 @@ def test_transfer_beating_white_box_is_flagged():
 
 def test_larger_eps_weaker_is_flagged():
     assert "larger_eps_weaker" in kinds([Trial("a", "wb", E, 100, 0.8, 200), Trial("b", "wb", 32 / 256, 100, 0.2, 200)])
+
+
+def test_a_shield_blind_attack_is_judged_on_its_label_success_not_on_getting_past_the_detector():
+    """A detector that catches every conventional attack (APTOS table 3) is not a broken attack; one that never
+    reaches its target label is."""
+    from training.attacks.library import build_attack
+    from training.audit.attacks import Attack
+    from training.audit.tables import _trial
+
+    pgd = Attack(build_attack("pgd_linf", eps=E, steps=10), "pgd_linf", sees_shield=False)
+    caught = {"defence": "Shield", "sr_at_5fpr": 0.0, "asr_label": 1.0, "attempted": 64}
+    assert kinds([_trial(caught, pgd)]) == []
+    missed = {**caught, "asr_label": 0.0}
+    assert kinds([_trial(missed, pgd)]) == ["zero_at_max_eps"]
+    wb = Attack(build_attack("wb", eps=E, steps=10, thresholds=torch.zeros(2)), "wb", sees_shield=True)
+    assert kinds([_trial(caught, wb)]) == ["zero_at_max_eps"]  # an attack on the Shield that never gets past it

@@ -70,3 +70,17 @@ def test_baseline_separates_clean_from_strongly_attacked_real_features(real_feat
 def test_unknown_detector_names_the_choices():
     with pytest.raises(ValueError, match="choose one of"):
         make_detector("svm")
+
+
+def test_a_detector_refuses_to_score_when_its_statistic_is_not_finite():
+    """E.g. a density that underflows to zero for features far from every reference point: the cell must fail with
+    the reason, not feed inf / NaN into the AUROC."""
+    rng = np.random.default_rng(0)
+    x, labels = rng.normal(size=(60, 3)), np.repeat([0, 1], 30)
+    detector = MahalanobisDetector().fit(_as_features(x, labels), labels, _as_features(x, labels),
+                                         _as_features(x[:5], labels[:5]))
+    assert np.isfinite(detector.score(_as_features(x, labels))).all()
+    finite = detector.layer_scores(_as_features(x, labels))
+    detector.layer_scores = lambda features: np.where(np.arange(len(finite))[:, None] == 3, np.inf, finite)
+    with pytest.raises(ValueError, match=r"maha: non-finite scores in layer column\(s\) \[0\] \(1 values\)"):
+        detector.score(_as_features(x, labels))
