@@ -9,9 +9,9 @@ Prints figures; it is not a timed test. Run on the machine whose figures you rep
 2. defence cost: Cushion (per image, one core) and the full graph (classifier + Shields) against the classifier-only
    subgraph (`logits` only, cut with `onnx.utils.extract_model`; needs the `onnx` package, from the train extra).
 3. service: `python -m service` in a subprocess, driven by an httpx client at concurrency 1, 8 and 32 (raw PNG bodies);
-   throughput and p50/p95/p99 latency. The client shares the machine's cores with the server, so each row also says
-   how many cores the server and the client used (Linux /proc): on a small machine the load generator's share is
-   part of the answer, and "server cores < cores available" means the server was not CPU-bound.
+   throughput and p50/p95/p99 latency. By default the client shares the machine's cores with the server; each row
+   says how many cores the server and the client used (Linux /proc). `--server-cpus 0` pins the server (and the raw
+   ORT measurement) to CPU 0 and the client to the others, so that the ratio to raw ORT compares like with like.
 4. naive: the same decode -> prepare -> Cushion -> ORT -> decision done inline per request (batch 1, blocking the event
    loop), the way a first version usually looks; same client, same concurrency.
 """
@@ -121,13 +121,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    """`python ARGS --port P` in a subprocess, waited on until /readyz answers 200: (process, base url)."""
+def start_server(args: list[str], env: dict[str, str], cpus: set[int] | None = None) -> tuple[subprocess.Popen, str]:
+    """`python ARGS --port P` in a subprocess (pinned to `cpus` when given), waited on until /readyz answers 200:
+    (process, base url)."""
     import httpx
 
     port = _free_port()
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     process = subprocess.Popen([sys.executable, *args, "--port", str(port)], cwd=REPO, env={**os.environ, **env},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=pin)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -235,6 +237,15 @@ def naive_app(bundle_dir: str | None):
     return app
 
 
+def parse_cpus(text: str) -> set[int]:
+    """"0", "0,2" or "0-3" -> a CPU set."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", default=None, help="bundle folder (default: the embedded default bundle)")
@@ -247,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", nargs="+", default=DEFAULT_IMAGES, help="PNG globs (first 256 files)")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     parser.add_argument("--skip-http", action="store_true", help="only the in-process ORT and defence figures")
+    parser.add_argument("--server-cpus", type=parse_cpus, default=None, metavar="LIST",
+                        help="e.g. 0 or 0-3: the server (and the raw ORT limit) run on these CPUs, the load "
+                             "generator on the others, so that the client's CPU is not charged to the server")
     parser.add_argument("--serve-naive", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -262,10 +276,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no images match {args.images}")
     images = [Path(f).read_bytes() for f in files]
     bundle = load_bundle(args.bundle)
+    client_cpus = None
+    if args.server_cpus:
+        client_cpus = os.sched_getaffinity(0) - args.server_cpus
+        if not client_cpus or not args.server_cpus <= os.sched_getaffinity(0):
+            parser.error(f"--server-cpus {sorted(args.server_cpus)} must be a proper subset of the CPUs "
+                         f"{sorted(os.sched_getaffinity(0))}")
+        os.sched_setaffinity(0, args.server_cpus)  # the raw ORT limit is measured on the server's CPUs
+        args.threads = args.threads or len(args.server_cpus)
     figures: dict = {"bundle": f"{bundle.manifest.name} {bundle.manifest.version}", "images": len(images),
                      "input": bundle.manifest.input.model_dump(), "cpu_count": os.cpu_count(),
-                     "machine": platform.platform(), "command": " ".join(["python -m service.bench", *sys.argv[1:]])}
-    print(json.dumps({k: figures[k] for k in ("bundle", "input", "images", "cpu_count")}))
+                     "machine": platform.platform(), "command": " ".join(["python -m service.bench", *sys.argv[1:]]),
+                     "server_cpus": sorted(args.server_cpus) if args.server_cpus else "all",
+                     "client_cpus": sorted(client_cpus) if client_cpus else "all (shared with the server)"}
+    print(json.dumps({k: figures[k] for k in ("bundle", "input", "images", "cpu_count", "server_cpus", "client_cpus")}))
 
     raw = raw_ort(bundle, images, args.device, args.threads, args.seconds)
     best = max(raw, key=raw.get)
@@ -280,11 +304,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_http:
         env = {"AEGIS_AUTH_DISABLED": "true", "AEGIS_LOG_LEVEL": "WARNING", "AEGIS_DEVICE": args.device,
                "AEGIS_INTRA_OP_THREADS": str(args.threads), "AEGIS_MAX_BATCH_SIZE": str(args.max_batch_size),
-               "AEGIS_MAX_BATCH_WAIT_SECONDS": str(args.max_batch_wait_seconds)}
+               "AEGIS_MAX_BATCH_WAIT_SECONDS": str(args.max_batch_wait_seconds),
+               "AEGIS_PREPROCESS_THREADS": str(len(args.server_cpus) if args.server_cpus else 0)}
+        if client_cpus:
+            os.sched_setaffinity(0, client_cpus)
         bundle_args = ["--bundle", str(bundle.root)]
         for name, cmd, path in (("service", ["-m", "service", *bundle_args], "/v1/diagnose"),
                                 ("naive", ["-m", "service.bench", "--serve-naive", *bundle_args], "/naive")):
-            process, base = start_server(cmd, env)
+            process, base = start_server(cmd, env, args.server_cpus)
+            figures[f"{name}_process_cpus"] = sorted(os.sched_getaffinity(process.pid))
             try:
                 rows = [_measured_load(process, base, path, images, c, args.seconds) for c in args.concurrency]
             finally:

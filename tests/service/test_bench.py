@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+
+import pytest
 
 from service.bench import main
 from tests.service.conftest import SAMPLES
+
+ALL_CPUS = os.sched_getaffinity(0)
 
 
 def test_benchmark_in_process_figures_are_produced(bundle_dir, tmp_path, capsys):
@@ -18,3 +23,28 @@ def test_benchmark_in_process_figures_are_produced(bundle_dir, tmp_path, capsys)
     cost = figures["defence_cost"]
     assert cost["cushion_seconds_per_image"] > 0 and cost["classifier_only_images_per_second"] > 0
     assert "limit" in capsys.readouterr().out
+
+
+def test_cpu_lists_parse():
+    from service.bench import parse_cpus
+
+    assert parse_cpus("0") == {0} and parse_cpus("0,2") == {0, 2} and parse_cpus("1-3,6") == {1, 2, 3, 6}
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs two CPUs")
+def test_pinned_benchmark_keeps_the_server_and_the_client_apart(bundle_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    server = min(os.sched_getaffinity(0))
+    try:
+        assert main(["--bundle", str(bundle_dir), "--seconds", "0.3", "--concurrency", "4",
+                     "--server-cpus", str(server), "--images", str(SAMPLES[0].parent / "*.png"),
+                     "--json", str(out)]) == 0
+    finally:
+        os.sched_setaffinity(0, ALL_CPUS)  # main() pins this (test) process
+    figures = json.loads(out.read_text())
+    assert figures["server_cpus"] == [server] and server not in figures["client_cpus"]
+    assert figures["service_process_cpus"] == [server] and figures["naive_process_cpus"] == [server]
+    for name in ("service", "naive"):
+        row = figures[name][0]
+        assert row["concurrency"] == 4 and row["requests_per_second"] > 0 and row["errors"] == 0
+        assert row["server_cores"] <= 1.05  # one CPU's worth at most, /proc accounting
