@@ -51,7 +51,9 @@ class TrainConfig:
     curriculum_epochs: int = 5  # epochs to ramp eps_start -> eps_end, then hold
     attack_steps: int = 7
     attack_step_size: float | None = None  # None: 2.5 * eps / attack_steps (engine default)
-    attack_objective: str = "wb"  # "wb": -S^t + J_cw (what the evaluation's WB attack uses); "shield": paper's -S^t
+    # "wb": -S^t + J_cw (the evaluation's WB attack); "n1": CE on the (N+1)-class wrapper (the audit's wb_n1);
+    # "shield": the paper's -S^t
+    attack_objective: str = "wb"
     attack_direction: str = "sum"  # "sum" | "selective" | "orthogonal" (engine PGDConfig.direction)
     attack_kappa: float = 10.0
     # calibration
@@ -70,8 +72,8 @@ class TrainConfig:
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.attack_objective not in ("wb", "shield"):
-            raise ValueError(f"attack_objective must be 'wb' or 'shield', got {self.attack_objective!r}")
+        if self.attack_objective not in ("wb", "n1", "shield"):
+            raise ValueError(f"attack_objective must be 'wb', 'n1' or 'shield', got {self.attack_objective!r}")
         if not 0 < self.eps_start <= self.eps_end:
             raise ValueError(f"need 0 < eps_start <= eps_end, got {self.eps_start}, {self.eps_end}")
 

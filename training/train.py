@@ -39,7 +39,8 @@ from tqdm import tqdm
 from models.cushion import parse_cushion
 from models.imaging import InputSpec
 from models.networks import AegisNet, build_aegis
-from training.attacks import Objective, PGDConfig, ShieldOnlyObjective, WhiteBoxObjective, exact_cushion, pgd
+from training.attacks import (Objective, PGDConfig, RejectClassObjective, ShieldOnlyObjective, WhiteBoxObjective,
+                              exact_cushion, pgd)
 from training.config import TrainConfig, load_config
 from training.data import CLASSES, fingerprint, load_images, load_records, split_validation
 
@@ -271,9 +272,11 @@ class ShieldTrainer(nn.Module):
         return self._net[0].shield_logits(taps)
 
 
-def training_objective(cfg: TrainConfig):
+def training_objective(cfg: TrainConfig, num_classes: int):
     if cfg.attack_objective == "shield":
         return ShieldOnlyObjective()
+    if cfg.attack_objective == "n1":  # the Shields' own operating point while training: logit 0
+        return RejectClassObjective(thresholds=torch.zeros(num_classes))
     return WhiteBoxObjective(kappa=cfg.attack_kappa)
 
 
@@ -298,8 +301,8 @@ def train_shields(cfg: TrainConfig, net: AegisNet, splits: dict[str, Split], cus
         start = checkpoint["epoch"] + 1
     trainer = ShieldTrainer(net)
     trainable = DistributedDataParallel(trainer) if rt.world > 1 else trainer
-    objective = training_objective(cfg)
     num_classes = len(net.shields)
+    objective = training_objective(cfg, num_classes)
     dataset = TrainImages(splits["train"], cushion, 0.0, cfg.seed + 1000 + rt.rank)
     generator = torch.Generator().manual_seed(cfg.seed + rt.rank)
     for epoch in range(start, cfg.shield_epochs):

@@ -160,3 +160,15 @@ def test_a_run_whose_classifier_is_unfinished_is_refused(tiny_run, tmp_path):
         load_finished_classifier(unfinished)
     cfg, weights, history = load_finished_classifier(tiny_run)
     assert len(history) == cfg.clf_epochs and all(not k.startswith("classifier.") for k in weights)
+
+
+def test_the_shield_training_attacker_objective_is_chosen_by_config():
+    from training.attacks import RejectClassObjective, ShieldOnlyObjective, WhiteBoxObjective
+    from training.train import training_objective
+
+    assert isinstance(training_objective(TrainConfig(), 2), WhiteBoxObjective)
+    assert isinstance(training_objective(TrainConfig(attack_objective="shield"), 2), ShieldOnlyObjective)
+    n1 = training_objective(TrainConfig(attack_objective="n1"), 3)
+    assert isinstance(n1, RejectClassObjective) and torch.equal(n1.thresholds, torch.zeros(3))
+    with pytest.raises(ValueError, match="attack_objective"):
+        TrainConfig(attack_objective="bogus")

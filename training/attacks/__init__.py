@@ -5,17 +5,18 @@
 
 from training.attacks.bpda import exact_cushion, through_cushion
 from training.attacks.cw_l2 import cw_l2
-from training.attacks.engine import AttackResult, PGDConfig, Pipeline, judge, pgd, quantise
+from training.attacks.engine import AttackResult, PGDConfig, Pipeline, into_budget, judge, pgd, quantise
 from training.attacks.feature_attacks import fit_hfc_mixtures, nearest_guides
 from training.attacks.library import ATTACKS, AttackSpec, build_attack, eps_sweep
 from training.attacks.objectives import (CWObjective, FeatureObjective, GaussianMixture, HFCObjective, Objective,
-                                         ShieldOnlyObjective, WhiteBoxObjective, cw_margin, target_shield)
+                                         RejectClassObjective, ShieldOnlyObjective, WhiteBoxObjective, cw_margin,
+                                         reject_as_class, target_shield)
 from training.attacks.transforms import DiffJpeg, DiverseInput, GaussianSmoothing, RandomTranslate, gaussian_kernel
 
 __all__ = [
     "ATTACKS", "AttackResult", "AttackSpec", "CWObjective", "DiffJpeg", "DiverseInput", "FeatureObjective",
     "GaussianMixture", "GaussianSmoothing", "HFCObjective", "Objective", "PGDConfig", "Pipeline", "RandomTranslate",
-    "ShieldOnlyObjective", "WhiteBoxObjective", "build_attack", "cw_l2", "cw_margin", "eps_sweep", "exact_cushion",
-    "fit_hfc_mixtures", "gaussian_kernel", "judge", "nearest_guides", "pgd", "quantise", "target_shield",
+    "RejectClassObjective", "ShieldOnlyObjective", "WhiteBoxObjective", "build_attack", "cw_l2", "cw_margin", "eps_sweep", "exact_cushion",
+    "fit_hfc_mixtures", "gaussian_kernel", "into_budget", "judge", "nearest_guides", "pgd", "quantise", "reject_as_class", "target_shield",
     "through_cushion",
 ]
