@@ -106,6 +106,14 @@ def _fmt(value) -> str:
     return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.3f}"
 
 
+def _adversarial_training(training: dict) -> str:
+    eps = training.get("clf_adv_eps") or 0
+    if not eps:
+        return ""
+    return (f", adversarially (Madry et al.: {training.get('clf_adv_fraction', 0):.0%} of each batch replaced by "
+            f"PGD-{training.get('clf_adv_steps')} images at {eps * 256:g}/256 towards the most likely wrong class)")
+
+
 def model_card(manifest: Manifest, metrics: dict, command: str) -> str:
     clean = metrics.get("clean", {})
     rows = "\n".join(
@@ -128,7 +136,7 @@ def model_card(manifest: Manifest, metrics: dict, command: str) -> str:
 ## What it is
 - Classifier: `{manifest.architecture.backbone}` (torchvision), classes {list(manifest.classes)}, input
   {manifest.input.channels}x{manifest.input.height}x{manifest.input.width} ({manifest.input.resize}), trained from
-  {'scratch' if not manifest.training.get('pretrained') else 'local pretrained weights'}.
+  {'scratch' if not manifest.training.get('pretrained') else 'local pretrained weights'}{_adversarial_training(manifest.training)}.
 - Cushion: `{parse_cushion(manifest.cushion.model_dump()).describe()}` in front of the classifier.
 - Shield: one detector per class on taps {list(manifest.architecture.taps)} ({', '.join(manifest.architecture.tap_names)}),
   width {manifest.architecture.shield_width}, adversarially trained for {manifest.training.get('shield_epochs')}

@@ -87,5 +87,5 @@ def test_default_bundle_pgd_figure_in_its_manifest_is_reproducible(bundle, test_
     claimed = bundle.manifest.metrics["attacks"]["pgd20"]["rejected_of_successful"]
     measured = float((~accepted[reached]).mean())
     n = int(reached.sum())
-    assert reached.mean() >= 0.8 and n >= 30
+    assert n >= 30, "too few successful attacks to compare"  # an adversarially trained classifier resists some
     assert abs(measured - claimed) <= 3 * np.sqrt(max(claimed * (1 - claimed), 0.05) / n) + 0.02, (measured, claimed)
