@@ -37,7 +37,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--attacks", help="comma-separated attack names (tables 2-5)")
     parser.add_argument("--out", type=Path, help="output folder of a table (default: results/<table>)")
     parser.add_argument("--substitute", type=Path, help="run folder of a classifier trained on the same data, the "
-                        "transfer attack's source (e.g. --set backbone=vgg16 --set shield_epochs=0 --skip-eval)")
+                        "transfer attack's source (e.g. --set backbone=vgg16 --set clf_lr=0.0002 --set shield_epochs=0 --skip-eval: "
+                        "VGG-16 has no batch norm and does not learn at the ResNet learning rate)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     return parser
