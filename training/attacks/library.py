@@ -64,10 +64,14 @@ def _jpeg_quality(cushion) -> float:
     return float(quality)
 
 
-def _white_box(thresholds: Tensor | None, kappa: float) -> WhiteBoxObjective:
+def _need_thresholds(thresholds: Tensor | None) -> Tensor:
     if thresholds is None:
         raise ValueError("attacks on the Shield need the bundle's thresholds (thresholds=...)")
-    return WhiteBoxObjective(thresholds=thresholds, kappa=kappa)
+    return thresholds
+
+
+def _white_box(thresholds: Tensor | None, kappa: float) -> WhiteBoxObjective:
+    return WhiteBoxObjective(thresholds=_need_thresholds(thresholds), kappa=kappa)
 
 
 # --- conventional attacks (paper §4.1, `attacks-reference.md` §1): 10 steps as in the HFC code ------------------
@@ -165,11 +169,9 @@ def _wb(eps, steps, thresholds, kappa=10.0, restarts=1):
 
 
 def _wb_n1(eps, steps, thresholds, restarts=1):
-    if thresholds is None:
-        raise ValueError("attacks on the Shield need the bundle's thresholds (thresholds=...)")
     return _engine_spec("wb_n1", f"PGD on targeted CE of the (N+1)-class wrapper (reject = class N+1; Carlini & "
                         f"Wagner 2017), {steps} steps of eps/8, random start, BPDA identity",
-                        RejectClassObjective(thresholds=thresholds), _wb_config(eps, steps, restarts))
+                        RejectClassObjective(thresholds=_need_thresholds(thresholds)), _wb_config(eps, steps, restarts))
 
 
 def _wbd(eps, steps, thresholds, kappa=10.0, restarts=1):
