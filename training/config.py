@@ -56,6 +56,10 @@ class TrainConfig:
     attack_objective: str = "wb"
     attack_direction: str = "sum"  # "sum" | "selective" | "orthogonal" (engine PGDConfig.direction)
     attack_kappa: float = 10.0
+    # the training attacker's BPDA backward through the Cushion: "identity" (the paper's), "diffjpeg" (the gradient
+    # of a differentiable JPEG, the audit's wb_diffjpeg; JPEG Cushions only) or "mixed" (alternate batch by batch,
+    # so the Shields see both kinds of attack)
+    attack_bpda: str = "identity"
     # calibration
     clean_rejection_rate: float = 0.05
     # evaluation written into the bundle (CPU scale by default; the paper uses the whole test split)
@@ -74,6 +78,10 @@ class TrainConfig:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.attack_objective not in ("wb", "n1", "shield"):
             raise ValueError(f"attack_objective must be 'wb', 'n1' or 'shield', got {self.attack_objective!r}")
+        if self.attack_bpda not in ("identity", "diffjpeg", "mixed"):
+            raise ValueError(f"attack_bpda must be 'identity', 'diffjpeg' or 'mixed', got {self.attack_bpda!r}")
+        if self.attack_bpda != "identity" and self.cushion.get("kind") != "jpeg":
+            raise ValueError(f"attack_bpda={self.attack_bpda!r} needs a JPEG Cushion, got {self.cushion}")
         if not 0 < self.eps_start <= self.eps_end:
             raise ValueError(f"need 0 < eps_start <= eps_end, got {self.eps_start}, {self.eps_end}")
 

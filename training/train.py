@@ -39,8 +39,8 @@ from tqdm import tqdm
 from models.cushion import parse_cushion
 from models.imaging import InputSpec
 from models.networks import AegisNet, build_aegis
-from training.attacks import (Objective, PGDConfig, RejectClassObjective, ShieldOnlyObjective, WhiteBoxObjective,
-                              exact_cushion, pgd)
+from training.attacks import (DiffJpeg, Objective, PGDConfig, RejectClassObjective, ShieldOnlyObjective,
+                              WhiteBoxObjective, exact_cushion, pgd)
 from training.config import TrainConfig, load_config
 from training.data import CLASSES, fingerprint, load_images, load_records, split_validation
 
@@ -280,12 +280,18 @@ def training_objective(cfg: TrainConfig, num_classes: int):
     return WhiteBoxObjective(kappa=cfg.attack_kappa)
 
 
+def training_surrogates(cfg: TrainConfig) -> list[DiffJpeg | None]:
+    """The BPDA backward passes the training attacker cycles through, batch by batch (None: identity)."""
+    diffjpeg = DiffJpeg(float(cfg.cushion.get("quality", 80))) if cfg.attack_bpda != "identity" else None
+    return {"identity": [None], "diffjpeg": [diffjpeg], "mixed": [None, diffjpeg]}[cfg.attack_bpda]
+
+
 def train_shields(cfg: TrainConfig, net: AegisNet, splits: dict[str, Split], cushion, rt: Runtime, out: Path,
                   checkpoint: dict | None, history: dict[str, list]) -> None:
     """Paper Eq. 4 with the gap closed: negatives are crafted by the WB objective towards the routed class.
 
     For an image of class y, the attacker picks a target t != y and minimises -S^t(f(C(x))) + J_cw(x, t) with PGD,
-    BPDA through the real Cushion; S^y learns to accept C(x) and S^t to reject C(x_adv). The attacker always sees
+    BPDA through the real Cushion (identity backward, or a differentiable JPEG's: `attack_bpda`); S^y learns to accept C(x) and S^t to reject C(x_adv). The attacker always sees
     the current Shields (white-box adversarial training), with the epsilon curriculum of `TrainConfig.eps_at`.
     """
     torch.manual_seed(cfg.seed + 1)  # the same Shield run whether the classifier was trained here or loaded
@@ -303,6 +309,7 @@ def train_shields(cfg: TrainConfig, net: AegisNet, splits: dict[str, Split], cus
     trainable = DistributedDataParallel(trainer) if rt.world > 1 else trainer
     num_classes = len(net.shields)
     objective = training_objective(cfg, num_classes)
+    surrogates = training_surrogates(cfg)
     dataset = TrainImages(splits["train"], cushion, 0.0, cfg.seed + 1000 + rt.rank)
     generator = torch.Generator().manual_seed(cfg.seed + rt.rank)
     for epoch in range(start, cfg.shield_epochs):
@@ -311,11 +318,13 @@ def train_shields(cfg: TrainConfig, net: AegisNet, splits: dict[str, Split], cus
                            direction=cfg.attack_direction)
         stats = {"loss": 0.0, "clean_accept": 0.0, "adv_reject": 0.0, "adv_label": 0.0, "n": 0}
         began = time.time()
-        for x, y in _progress(loader(dataset, cfg.shield_batch_size, rt, epoch, cfg.seed), rt, f"shield {epoch}"):
+        batches = loader(dataset, cfg.shield_batch_size, rt, epoch, cfg.seed)
+        for batch, (x, y) in enumerate(_progress(batches, rt, f"shield {epoch}")):
             x, y = x.to(rt.device), y.to(rt.device)
             offset = torch.randint(1, num_classes, y.shape, generator=generator).to(rt.device)
             target = (y + offset) % num_classes  # any class but the true one
-            adv = pgd(net, x, target, objective, attack, cushion=cushion)  # sees the current Shields
+            adv = pgd(net, x, target, objective, attack, cushion=cushion,  # sees the current Shields
+                      surrogate=surrogates[batch % len(surrogates)])
             with torch.no_grad():
                 _, clean_taps = net.classifier.forward_with_taps(exact_cushion(x, cushion))
                 adv_logits, adv_taps = net.classifier.forward_with_taps(exact_cushion(adv.x_adv, cushion))

@@ -172,3 +172,34 @@ def test_the_shield_training_attacker_objective_is_chosen_by_config():
     assert isinstance(n1, RejectClassObjective) and torch.equal(n1.thresholds, torch.zeros(3))
     with pytest.raises(ValueError, match="attack_objective"):
         TrainConfig(attack_objective="bogus")
+
+
+def test_the_mixed_training_attacker_alternates_identity_and_differentiable_jpeg_bpda(small_net, xray_data, tmp_path,
+                                                                                     monkeypatch):
+    import copy
+
+    import training.train as train_module
+    from models.cushion import JpegCushion
+    from training.attacks import DiffJpeg
+    from training.train import Runtime, Split, train_shields
+
+    seen, real_pgd = [], train_module.pgd
+
+    def recording_pgd(*args, surrogate=None, **kwargs):
+        seen.append(surrogate)
+        return real_pgd(*args, surrogate=surrogate, **kwargs)
+
+    monkeypatch.setattr(train_module, "pgd", recording_pgd)
+    x, y = xray_data[0][:128], xray_data[1][:128]
+    split = Split((x.permute(0, 2, 3, 1) * 255).round().byte().numpy(), y.numpy())
+    cfg = TrainConfig(shield_epochs=1, shield_batch_size=32, attack_steps=1, attack_bpda="mixed",
+                      cushion={"kind": "jpeg", "quality": 60})
+    train_shields(cfg, copy.deepcopy(small_net), {"train": split}, JpegCushion(quality=60),
+                  Runtime(0, 1, torch.device("cpu")), tmp_path, None, {"classifier": [], "shield": []})
+    assert len(seen) == 4
+    assert seen[0] is None and seen[2] is None
+    assert all(isinstance(s, DiffJpeg) and s.quality == 60 for s in seen[1::2])
+    with pytest.raises(ValueError, match="JPEG Cushion"):
+        TrainConfig(attack_bpda="diffjpeg", cushion={"kind": "bitdepth", "bits": 5})
+    with pytest.raises(ValueError, match="attack_bpda"):
+        TrainConfig(attack_bpda="bogus")
