@@ -114,6 +114,10 @@ def _adversarial_training(training: dict) -> str:
             f"PGD-{training.get('clf_adv_steps')} images at {eps * 256:g}/256 towards the most likely wrong class)")
 
 
+_BPDA_BACKWARD = {"identity": "an identity backward pass", "diffjpeg": "a differentiable-JPEG backward pass",
+                  "mixed": "identity and differentiable-JPEG backward passes on alternate batches"}
+
+
 def model_card(manifest: Manifest, metrics: dict, command: str) -> str:
     clean = metrics.get("clean", {})
     rows = "\n".join(
@@ -141,7 +145,8 @@ def model_card(manifest: Manifest, metrics: dict, command: str) -> str:
 - Shield: one detector per class on taps {list(manifest.architecture.taps)} ({', '.join(manifest.architecture.tap_names)}),
   width {manifest.architecture.shield_width}, adversarially trained for {manifest.training.get('shield_epochs')}
   epochs against a {manifest.training.get('attack_steps')}-step white-box attacker
-  (objective `{manifest.training.get('attack_objective')}`, BPDA through the real Cushion, ε curriculum
+  (objective `{manifest.training.get('attack_objective')}`, BPDA through the real Cushion with
+  {_BPDA_BACKWARD[manifest.training.get('attack_bpda', 'identity')]}, ε curriculum
   {manifest.training.get('eps_start', 0) * 256:.0f}/256 → {manifest.training.get('eps_end', 0) * 256:.0f}/256).
 - Decision: accept iff the Shield logit of the predicted class ≥ its threshold; thresholds
   {json.dumps({k: round(v, 4) for k, v in manifest.thresholds.items()})} reject

@@ -74,13 +74,52 @@ def security_report(ctx: Context) -> dict:
     return result
 
 
+CARD_BEGIN, CARD_END = "<!-- security-report:begin -->", "<!-- security-report:end -->"
+
+
+def card_section(result: dict) -> str:
+    """The model card's security section, generated from the report, so that card and report cannot disagree."""
+    rows = [r for r in result["rows"] if r.get("status") == "ok" and r.get("eps") == 16 / 256]
+    rows.sort(key=lambda r: -r["bypass_rate"])
+    table = "\n".join(f"| {r['attack']} | {r['attempted']} | {r['bypass_rate']:.3f} | {r['sr_at_5fpr']:.3f} | "
+                      f"{r['auroc']:.3f} |" for r in rows)
+    flags = "".join(f"\n- `{f['flag']}`: {f['message']}" for f in result["sanity_flags"]) or " none."
+    strongest = rows[0] if rows else None
+    verdict = ("" if strongest is None else
+               f"Strongest attack at 16/256: **{strongest['attack']}**, which passes the Shield on "
+               f"{strongest['bypass_rate']:.0%} of attempted images. ")
+    return f"""{CARD_BEGIN}
+## Security report (generated from `security_report.json`)
+{verdict}A bypass rate near 1 means the defence does not hold against that attacker; the report's notes say what
+each attack is. Scale: {result['scale']['eval_images']} correctly classified test images per attack; command:
+`{result['command']}`.
+
+| attack (16/256) | attempted | bypass@τ | SR@5%FPR | AUROC |
+|---|---|---|---|---|
+{table}
+
+Sanity flags:{flags}
+{CARD_END}
+"""
+
+
+def _with_card_section(card: str, section: str) -> str:
+    if CARD_BEGIN in card and CARD_END in card:
+        before, rest = card.split(CARD_BEGIN, 1)
+        return before + section.rstrip("\n") + rest.split(CARD_END, 1)[1]
+    return card.rstrip("\n") + "\n\n" + section
+
+
 def write_into_bundle(bundle, result: dict) -> list:
-    """Write the report files into the bundle folder and re-write the manifest (reports + every file's hash)."""
-    from models.bundle import write_manifest
+    """Write the report files into the bundle folder, its summary into the model card, and re-write the manifest
+    (reports + every file's hash)."""
+    from models.bundle import CARD_FILE, write_manifest
     from training.audit.outputs import write_result
 
     curves = result.pop("_curves", None)
     written = write_result(result, bundle.root, "security_report", REPORT_COLUMNS, curves)
+    card = bundle.root / CARD_FILE
+    card.write_text(_with_card_section(card.read_text(encoding="utf-8"), card_section(result)), encoding="utf-8")
     manifest = bundle.manifest.model_copy(update={"reports": {**bundle.manifest.reports, **REPORT_KEYS}})
     write_manifest(bundle.root, manifest)
     return written

@@ -31,6 +31,16 @@ def test_security_report_lands_in_the_bundle_and_hashes_stay_valid(tiny_bundle_d
     assert (bundle_dir / report["roc_plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "SANITY FLAGS" in bundle.report("security_report_md")
     json.dumps(report)  # NaN-free: strict JSON for the service
+    # The model card carries the report's verdict, once, and a second report replaces it rather than adding one.
+    from training.audit.report import CARD_BEGIN, write_into_bundle
+
+    strongest = max((r for r in report["rows"] if r["eps"] == 16 / 256), key=lambda r: r["bypass_rate"])
+    assert bundle.model_card().count(CARD_BEGIN) == 1
+    assert f"**{strongest['attack']}**" in bundle.model_card()
+    assert f"{strongest['bypass_rate']:.0%} of attempted" in bundle.model_card()
+    write_into_bundle(bundle, report)
+    again = load_bundle(bundle_dir)
+    assert again.model_card().count(CARD_BEGIN) == 1 and again.model_card().startswith("# Model card")
 
 
 def test_attacks_that_lack_their_inputs_are_unavailable_not_substituted():
