@@ -367,6 +367,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--classifier-from", type=Path, metavar="RUN",
                         help="train only the Shields, on the finished classifier of another run (its folder or its "
                              "checkpoint.pt): ablations over Shield settings share one classifier")
+    parser.add_argument("--shields-from", type=Path, metavar="RUN",
+                        help="start from another finished run's classifier and Shields (its folder) and train the "
+                             "Shields further under this config: e.g. a stronger attacker at the final epsilon")
     parser.add_argument("--skip-eval", action="store_true", help="export without the attack evaluation")
     parser.add_argument("--save-rank-weights", action="store_true",
                         help="each rank writes <out>/rank<k>.pt after training (the DDP consistency test)")
@@ -400,7 +403,17 @@ def main(argv: list[str] | None = None) -> int:
         net.load_state_dict(checkpoint["model"])
         log.info("resuming after %s epoch %d", checkpoint["stage"], checkpoint["epoch"] + 1)
     history = checkpoint["history"] if checkpoint is not None else {"classifier": [], "shield": []}
-    if checkpoint is None and args.classifier_from is not None:
+    if checkpoint is None and args.shields_from is not None:
+        source_cfg, _, history["classifier"] = load_finished_classifier(args.shields_from)
+        finished = load_checkpoint(args.shields_from)
+        if len(finished["history"]["shield"]) < source_cfg.shield_epochs:
+            raise SystemExit(f"{args.shields_from} holds unfinished Shields ({len(finished['history']['shield'])} "
+                             f"of {source_cfg.shield_epochs} epochs)")
+        net.load_state_dict(finished["model"])
+        history["initial_shields"] = finished["history"]["shield"]
+        log.info("classifier and Shields taken from %s (%d Shield epochs)", args.shields_from,
+                 len(history["initial_shields"]))
+    elif checkpoint is None and args.classifier_from is not None:
         source = args.classifier_from if args.classifier_from.is_dir() else args.classifier_from.parent
         _, weights, history["classifier"] = load_finished_classifier(source)
         net.classifier.load_state_dict(weights)

@@ -39,6 +39,29 @@ def test_resume_continues_after_the_last_epoch(tiny_run, tmp_path, kermany_dir):
     assert [e["epoch"] for e in history["shield"]] == [0, 1]
 
 
+def test_shields_from_starts_at_another_runs_trained_shields(tiny_run, tmp_path, kermany_dir):
+    from training.train import load_checkpoint
+
+    out = tmp_path / "further"
+    # lr 0: the Shields cannot move, so the result must hold exactly the source run's classifier and Shields
+    assert main(["--preset", "tiny", "--data-dir", str(kermany_dir), "--out", str(out), "--shields-from",
+                 str(tiny_run), "--set", "shield_lr=0", "--set", "attack_bpda=diffjpeg", "--skip-eval"]) == 0
+    source, result = load_checkpoint(tiny_run)["model"], load_checkpoint(out)["model"]
+    assert source.keys() == result.keys()
+    assert all(torch.equal(source[k], result[k]) for k in source)
+    history = load_bundle(out / "bundle").manifest.metrics["history"]
+    assert len(history["initial_shields"]) == 1 and len(history["shield"]) == 1
+    assert "classifier and Shields taken from" in (out / "train.log").read_text()
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.json").write_text((tiny_run / "config.json").read_text().replace(
+        '"shield_epochs": 1', '"shield_epochs": 3'))
+    (unfinished / "checkpoint.pt").write_bytes((tiny_run / "checkpoint.pt").read_bytes())
+    with pytest.raises(SystemExit, match="unfinished Shields"):
+        main(["--preset", "tiny", "--data-dir", str(kermany_dir), "--out", str(tmp_path / "x"), "--shields-from",
+              str(unfinished), "--skip-eval"])
+
+
 def test_presets_load_and_overrides_apply():
     for path in PRESETS_DIR.glob("*.json"):
         assert isinstance(load_config(path.stem), TrainConfig)
