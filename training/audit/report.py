@@ -19,7 +19,7 @@ from training.evaluate import attack_suite, clean_metrics, predict
 
 log = logging.getLogger("aegis.audit")
 REPORT_KEYS = {"security_report": "security_report.json", "security_report_md": "security_report.md"}
-REPORT_EXTRA_ATTACKS = ("opgd", "apgd_wb", "wb_diffjpeg", "wb_eot")
+REPORT_EXTRA_ATTACKS = ("opgd", "apgd_wb", "wb_n1", "wb_diffjpeg", "wb_eot")
 REPORT_COLUMNS = [("attack", "attack"), ("eps_256", "ε (/256)"), ("steps", "steps"), ("attempted", "n"),
                   ("asr_label", "label ASR"), ("auroc", "AUROC"), ("tpr_at_90tnr", "TPR@90%TNR"),
                   ("tpr_at_95tnr", "TPR@95%TNR"), ("sr_at_5fpr", "SR@5%FPR"), ("bypass_rate", "bypass@τ")]
@@ -36,7 +36,8 @@ def security_report(ctx: Context) -> dict:
     # The acceptance suite (training.evaluate), then the sanity sweeps of WB: eps at fixed steps, half the steps.
     runs: list[tuple[str, Attack]] = [
         (spec.name, describe(spec)) for spec in attack_suite(thresholds_t, steps=s.adaptive_steps, kappa=kappa)]
-    # Stronger than the paper (`attacks-reference.md` §3.8): other directions, APGD, a differentiable-JPEG backward
+    # Stronger than the paper (`attacks-reference.md` §3.8): other directions, APGD, the (N+1)-class objective (the
+    # one `attack_objective=n1` Shields are trained against), a differentiable-JPEG backward
     # pass, EOT; all at the paper's budget and the scale's steps.
     for name in REPORT_EXTRA_ATTACKS:
         runs.append((f"{name}{s.adaptive_steps}",
@@ -65,7 +66,8 @@ def security_report(ctx: Context) -> dict:
         "judged at the bundle's thresholds. attempted = correctly classified clean test images.",
         "bypass@τ = reach the target AND accepted at the bundle's thresholds, over attempted: the end-to-end figure. "
         "SR@5% = the same at a threshold set to 5% FPR on the clean test images (Bryniarski et al. 2022).",
-        "Sanity flags use bypass@τ. Beyond the paper: orthogonal PGD, APGD, BPDA through a differentiable JPEG and "
+        "Sanity flags use bypass@τ. Beyond the paper: orthogonal PGD, APGD, the (N+1)-class objective, BPDA "
+        "through a differentiable JPEG and "
         "EOT. Still stronger evaluations (more steps and restarts, feature and HFC attacks: Tables 2 and 4) may do "
         "better; a high AUROC is a reason for more attacks, not a result.",
     ]

@@ -24,6 +24,7 @@ def test_security_report_lands_in_the_bundle_and_hashes_stay_valid(tiny_bundle_d
     assert report["scale"]["name"] == "tiny" and isinstance(report["sanity_flags"], list)
     names = {row["attack"] for row in report["rows"]}
     assert {"pgd20", "wb4", "wbd4", "spgd4"} <= names  # the acceptance suite at this scale
+    assert {"wb_n14", "wb_diffjpeg4", "wb_eot4"} <= names  # and the attacks beyond the paper
     for row in report["rows"]:
         assert row["max_linf"] <= row["eps"] + 1e-6
         assert 0 <= row["bypass_rate"] <= row["asr_label"] <= 1
