@@ -40,7 +40,7 @@ from models.cushion import parse_cushion
 from models.imaging import InputSpec
 from models.networks import AegisNet, build_aegis
 from training.attacks import (DiffJpeg, Objective, PGDConfig, RejectClassObjective, ShieldOnlyObjective,
-                              WhiteBoxObjective, exact_cushion, pgd)
+                              WhiteBoxObjective, exact_cushion, jpeg_quality, pgd)
 from training.config import TrainConfig, load_config
 from training.data import CLASSES, fingerprint, load_images, load_records, split_validation
 
@@ -157,16 +157,26 @@ def load_checkpoint(out: Path) -> dict | None:
     return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
 
 
-def load_finished_classifier(run_dir: Path) -> tuple[TrainConfig, dict, list]:
-    """(config, classifier weights, classifier history) of a run folder whose classifier stage finished; a run
-    still training its classifier is refused (its weights are not the model its config describes)."""
+def load_finished_run(run_dir: Path, *, shields: bool = False) -> tuple[TrainConfig, dict]:
+    """(config, checkpoint) of a run folder whose classifier stage (and with `shields`, its Shield stage) finished;
+    an unfinished stage is refused (its weights are not the model its config describes)."""
     cfg = load_config(None, json.loads((run_dir / "config.json").read_text()))
     state = load_checkpoint(run_dir)
-    done = [] if state is None else state["history"]["classifier"]
-    if len(done) < cfg.clf_epochs:
-        raise SystemExit(f"{run_dir} holds an unfinished classifier ({len(done)} of {cfg.clf_epochs} epochs)")
+    history = {"classifier": [], "shield": []} if state is None else state["history"]
+    if len(history["classifier"]) < cfg.clf_epochs:
+        raise SystemExit(f"{run_dir} holds an unfinished classifier ({len(history['classifier'])} of "
+                         f"{cfg.clf_epochs} epochs)")
+    if shields and len(history["shield"]) < cfg.shield_epochs:
+        raise SystemExit(f"{run_dir} holds unfinished Shields ({len(history['shield'])} of {cfg.shield_epochs} "
+                         "epochs)")
+    return cfg, state
+
+
+def load_finished_classifier(run_dir: Path) -> tuple[TrainConfig, dict, list]:
+    """(config, classifier weights, classifier history) of a run folder whose classifier stage finished."""
+    cfg, state = load_finished_run(run_dir)
     weights = {k.removeprefix("classifier."): v for k, v in state["model"].items() if k.startswith("classifier.")}
-    return cfg, weights, done
+    return cfg, weights, state["history"]["classifier"]
 
 
 def load_trained_classifier(run_dir: Path) -> nn.Module:
@@ -282,7 +292,7 @@ def training_objective(cfg: TrainConfig, num_classes: int):
 
 def training_surrogates(cfg: TrainConfig) -> list[DiffJpeg | None]:
     """The BPDA backward passes the training attacker cycles through, batch by batch (None: identity)."""
-    diffjpeg = DiffJpeg(float(cfg.cushion.get("quality", 80))) if cfg.attack_bpda != "identity" else None
+    diffjpeg = DiffJpeg(jpeg_quality(parse_cushion(cfg.cushion))) if cfg.attack_bpda != "identity" else None
     return {"identity": [None], "diffjpeg": [diffjpeg], "mixed": [None, diffjpeg]}[cfg.attack_bpda]
 
 
@@ -404,12 +414,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info("resuming after %s epoch %d", checkpoint["stage"], checkpoint["epoch"] + 1)
     history = checkpoint["history"] if checkpoint is not None else {"classifier": [], "shield": []}
     if checkpoint is None and args.shields_from is not None:
-        source_cfg, _, history["classifier"] = load_finished_classifier(args.shields_from)
-        finished = load_checkpoint(args.shields_from)
-        if len(finished["history"]["shield"]) < source_cfg.shield_epochs:
-            raise SystemExit(f"{args.shields_from} holds unfinished Shields ({len(finished['history']['shield'])} "
-                             f"of {source_cfg.shield_epochs} epochs)")
+        _, finished = load_finished_run(args.shields_from, shields=True)
         net.load_state_dict(finished["model"])
+        history["classifier"] = finished["history"]["classifier"]
         history["initial_shields"] = finished["history"]["shield"]
         log.info("classifier and Shields taken from %s (%d Shield epochs)", args.shields_from,
                  len(history["initial_shields"]))

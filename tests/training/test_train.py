@@ -108,7 +108,8 @@ def test_ddp_ranks_end_with_identical_weights(tmp_path, kermany_dir):
 
 
 def test_briefly_trained_shield_separates_clean_from_attacked(small_net, xray_data, tmp_path):
-    """Adversarial training of the Shields on 600 real images, then clean vs PGD on 96 unseen ones."""
+    """Adversarial training of the Shields on 600 real images, then clean vs PGD on 96 unseen ones (5 epochs: with
+    3 the AUROC sat at the bar and moved across it with the thread count)."""
     import copy
 
     from models.cushion import JpegCushion
@@ -120,7 +121,7 @@ def test_briefly_trained_shield_separates_clean_from_attacked(small_net, xray_da
     x_train, y_train, x_test, y_test = xray_data
     net = copy.deepcopy(small_net)
     to_split = lambda x, y: Split((x.permute(0, 2, 3, 1) * 255).round().byte().numpy(), y.numpy())  # noqa: E731
-    cfg = TrainConfig(shield_epochs=3, curriculum_epochs=2, eps_start=8 / 256, shield_batch_size=64,
+    cfg = TrainConfig(shield_epochs=5, curriculum_epochs=2, eps_start=8 / 256, shield_batch_size=64,
                       attack_steps=3, shield_lr=3e-3)
     history = {"classifier": [], "shield": []}
     train_shields(cfg, net, {"train": to_split(x_train, y_train)}, JpegCushion(), Runtime(0, 1, torch.device("cpu")),

@@ -57,7 +57,8 @@ def _engine_spec(name: str, description: str, objective: Objective, config: PGDC
     return AttackSpec(name, description, run, config.eps, config.norm, config.steps)
 
 
-def _jpeg_quality(cushion) -> float:
+def jpeg_quality(cushion) -> float:
+    """The quality of a JPEG Cushion, for a differentiable-JPEG surrogate; other Cushions are refused."""
     quality = getattr(cushion, "quality", None)
     if quality is None:
         raise ValueError(f"a differentiable-JPEG surrogate needs a JPEG Cushion, got {cushion!r}")
@@ -204,12 +205,12 @@ def _apgd_ce(eps, steps, thresholds, restarts=1):
 def _wb_diffjpeg(eps, steps, thresholds, kappa=10.0, restarts=1):
     return _engine_spec("wb_diffjpeg", f"WB ({steps} steps of eps/8) with BPDA through a differentiable JPEG "
                         "(kornia, the Cushion's quality) instead of the identity", _white_box(thresholds, kappa),
-                        _wb_config(eps, steps, restarts), lambda cushion: DiffJpeg(_jpeg_quality(cushion)))
+                        _wb_config(eps, steps, restarts), lambda cushion: DiffJpeg(jpeg_quality(cushion)))
 
 
 def _wb_eot(eps, steps, thresholds, kappa=10.0, restarts=1, eot_samples=10, quality_spread=10.0, shift=2):
     def surrogate(cushion):
-        q = _jpeg_quality(cushion)
+        q = jpeg_quality(cushion)
         return DiffJpeg((max(q - quality_spread, 1.0), min(q + quality_spread, 100.0)))
 
     return _engine_spec("wb_eot", f"WB ({steps} steps of eps/8) with EOT: gradients averaged over {eot_samples} "

@@ -23,6 +23,9 @@ ALIASES = {"pgd": "pgd_linf", "cw": "cw_linf", "tf": "transfer_vgg16"}
 CONVENTIONAL = {"fgsm", "bim", "pgd_linf", "pgd_l2", "mim", "dim", "tim", "cw_linf", "cw_l2", "apgd_ce",
                 "transfer_vgg16"}
 EXTERNAL = {"torchattacks_pgd"}  # attack code this project did not write (training/audit/crosscheck.py)
+# Attacks whose CW confidence is the bundle's training kappa (the WB objective's); HFC keeps its own (its margin
+# is on another scale) and the (N+1)-class attack's cross-entropy has none.
+TAKES_BUNDLE_KAPPA = {"wb", "wbd", "spgd", "opgd", "apgd_wb", "wb_diffjpeg", "wb_eot", "fea", "fea_cw"}
 NEEDS = {"fea": "guide_pool", "fea_cw": "guide_pool", "hfc": "guide_pool", "hfc_cw": "guide_pool",
          "transfer_vgg16": "substitute"}
 
@@ -64,7 +67,7 @@ def make_attack(name: str, *, eps: float, steps: int, thresholds: Tensor | None 
         if not extras or extras.get(need) is None:
             raise AttackUnavailable(f"attack {name!r} needs {need}= (not provided to this audit)")
         options[need] = extras[need]
-    if library_name not in CONVENTIONAL and library_name not in ("hfc", "hfc_cw", "wb_n1"):  # HFC: own kappa; N+1: CE
+    if library_name in TAKES_BUNDLE_KAPPA:
         options["kappa"] = kappa
     conventional = library_name in CONVENTIONAL
     spec = build_attack(library_name, eps=eps, steps=steps, thresholds=None if conventional else thresholds,

@@ -62,13 +62,12 @@ def security_report(ctx: Context) -> dict:
         success = row["bypass_rate"] if attack.sees_shield else row["asr_label"]  # what the attack optimises
         trials.append(Trial(name, family, cfg.eps, cfg.steps, success, row["attempted"], attack.kind))
     notes = [
-        "Attacks: targeted, L∞, through the bundle's real Cushion with BPDA (identity backward), quantised to uint8, "
+        "Attacks: targeted, L∞, through the bundle's real Cushion with BPDA (identity backward unless the attack says otherwise), quantised to uint8, "
         "judged at the bundle's thresholds. attempted = correctly classified clean test images.",
         "bypass@τ = reach the target AND accepted at the bundle's thresholds, over attempted: the end-to-end figure. "
         "SR@5% = the same at a threshold set to 5% FPR on the clean test images (Bryniarski et al. 2022).",
         "Sanity flags use bypass@τ. Beyond the paper: orthogonal PGD, APGD, the (N+1)-class objective, BPDA "
-        "through a differentiable JPEG and "
-        "EOT. Still stronger evaluations (more steps and restarts, feature and HFC attacks: Tables 2 and 4) may do "
+        "through a differentiable JPEG and EOT. Still stronger evaluations (more steps and restarts, feature and HFC attacks: Tables 2 and 4) may do "
         "better; a high AUROC is a reason for more attacks, not a result.",
     ]
     result = ctx.result("report", f"Security report: {ctx.manifest.name} {ctx.manifest.version}", rows, notes, trials)

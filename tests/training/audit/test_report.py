@@ -60,3 +60,15 @@ def test_adapter_maps_the_tables_names_onto_the_library():
     pgd = make_attack("pgd", eps=8 / 256, steps=10, thresholds=thresholds)
     assert not pgd.sees_shield and pgd.spec.name == "pgd_linf" and pgd.spec.eps == 8 / 256
     assert describe(build_attack("pgd_linf", steps=20)).family == "pgd_linf"
+
+
+def test_every_adaptive_attack_with_a_cw_margin_gets_the_bundles_kappa():
+    """A new adaptive attack with a `kappa` must be listed (or knowingly kept out, like HFC's own scale)."""
+    import inspect
+
+    from training.attacks.library import ATTACKS
+    from training.audit.attacks import CONVENTIONAL, TAKES_BUNDLE_KAPPA
+
+    with_margin = {name for name, entry in ATTACKS.items() if "kappa" in inspect.signature(entry.build).parameters}
+    assert TAKES_BUNDLE_KAPPA == with_margin - CONVENTIONAL - {"hfc", "hfc_cw"}
+    assert "kappa=3" in make_attack("wb", eps=16 / 256, steps=5, thresholds=torch.zeros(2), kappa=3.0).spec.description
