@@ -5,7 +5,7 @@
     python -m training.audit table3 --bundle models/default --data-dir ../shared/data/kermany-pneumonia --out results/table3
     python -m training.audit table4 --bundle models/default --out results/table4
     python -m training.audit table5 --bundle models/default --out results/table5
-    python -m training.audit report --bundle runs/x/bundle --scale cpu
+    python -m training.audit report --bundle runs/x/bundle --scale cpu [--substitute runs/vgg16]
 
 `--dataset` defaults to the bundle's training dataset; `--data-dir` to $AEGIS_DATA_DIR or ../shared/data/<dataset>.
 Tables write `<out>/<table>.json`, `.md` and `_roc.png`; `report` writes into the bundle and re-hashes its manifest.

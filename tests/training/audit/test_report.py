@@ -12,11 +12,12 @@ from training.audit.__main__ import main
 from training.audit.attacks import AttackUnavailable, describe, make_attack
 
 
-def test_security_report_lands_in_the_bundle_and_hashes_stay_valid(tiny_bundle_dir, kermany_dir, tmp_path):
+def test_security_report_lands_in_the_bundle_and_hashes_stay_valid(tiny_run, tiny_bundle_dir, kermany_dir,
+                                                                     tmp_path):
     bundle_dir = tmp_path / "bundle"
     shutil.copytree(tiny_bundle_dir, bundle_dir)
     assert main(["report", "--bundle", str(bundle_dir), "--scale", "tiny", "--data-dir", str(kermany_dir),
-                 "--set", "eval_images=6", "--set", "bootstrap=50"]) == 0
+                 "--set", "eval_images=6", "--set", "bootstrap=50", "--substitute", str(tiny_run)]) == 0
     bundle = load_bundle(bundle_dir)  # raises if any hash is stale
     assert bundle.manifest.reports["security_report"] == "security_report.json"
     assert bundle.manifest.reports["security_report_md"] == "security_report.md"
@@ -25,6 +26,8 @@ def test_security_report_lands_in_the_bundle_and_hashes_stay_valid(tiny_bundle_d
     names = {row["attack"] for row in report["rows"]}
     assert {"pgd20", "wb4", "wbd4", "spgd4"} <= names  # the acceptance suite at this scale
     assert {"wb_n14", "wb_diffjpeg4", "wb_eot4"} <= names  # and the attacks beyond the paper
+    transfer = [row for row in report["rows"] if row["attack"].startswith("tf")]  # --substitute: the transfer too
+    assert len(transfer) == 1 and transfer[0]["eps"] == 16 / 256 and transfer[0]["attempted"] > 0
     for row in report["rows"]:
         assert row["max_linf"] <= row["eps"] + 1e-6
         assert 0 <= row["bypass_rate"] <= row["asr_label"] <= 1
