@@ -60,6 +60,10 @@ class TrainConfig:
     # of a differentiable JPEG, the audit's wb_diffjpeg; JPEG Cushions only) or "mixed" (alternate batch by batch,
     # so the Shields see both kinds of attack)
     attack_bpda: str = "identity"
+    # "mixed": every other batch (after the BPDA alternation), the attacker's gradient goes through input diversity
+    # and a Gaussian filter (the transfer attack's DI + TI), so the Shields also see smooth, low-frequency
+    # perturbations like those a transfer attack makes; "none": plain gradients only
+    attack_smoothing: str = "none"
     # calibration
     clean_rejection_rate: float = 0.05
     # evaluation written into the bundle (CPU scale by default; the paper uses the whole test split)
@@ -80,6 +84,8 @@ class TrainConfig:
             raise ValueError(f"attack_objective must be 'wb', 'n1' or 'shield', got {self.attack_objective!r}")
         if self.attack_bpda not in ("identity", "diffjpeg", "mixed"):
             raise ValueError(f"attack_bpda must be 'identity', 'diffjpeg' or 'mixed', got {self.attack_bpda!r}")
+        if self.attack_smoothing not in ("none", "mixed"):
+            raise ValueError(f"attack_smoothing must be 'none' or 'mixed', got {self.attack_smoothing!r}")
         if self.attack_bpda != "identity" and self.cushion.get("kind") != "jpeg":
             raise ValueError(f"attack_bpda={self.attack_bpda!r} needs a JPEG Cushion, got {self.cushion}")
         if not 0 < self.eps_start <= self.eps_end:

@@ -23,7 +23,7 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +39,8 @@ from tqdm import tqdm
 from models.cushion import parse_cushion
 from models.imaging import InputSpec
 from models.networks import AegisNet, build_aegis
-from training.attacks import (DiffJpeg, Objective, PGDConfig, RejectClassObjective, ShieldOnlyObjective,
-                              WhiteBoxObjective, exact_cushion, jpeg_quality, pgd)
+from training.attacks import (DiffJpeg, DiverseInput, GaussianSmoothing, Objective, PGDConfig, RejectClassObjective,
+                              ShieldOnlyObjective, WhiteBoxObjective, exact_cushion, jpeg_quality, pgd)
 from training.config import TrainConfig, load_config
 from training.data import CLASSES, fingerprint, load_images, load_records, split_validation
 
@@ -296,6 +296,14 @@ def training_surrogates(cfg: TrainConfig) -> list[DiffJpeg | None]:
     return {"identity": [None], "diffjpeg": [diffjpeg], "mixed": [None, diffjpeg]}[cfg.attack_bpda]
 
 
+def training_attacks(cfg: TrainConfig, eps: float) -> list[PGDConfig]:
+    """The attack settings the training attacker cycles through (every combination with each BPDA backward)."""
+    plain = PGDConfig(eps=eps, steps=cfg.attack_steps, step_size=cfg.attack_step_size, direction=cfg.attack_direction)
+    if cfg.attack_smoothing == "none":
+        return [plain]
+    return [plain, replace(plain, transform=DiverseInput(), gradient_filter=GaussianSmoothing())]
+
+
 def train_shields(cfg: TrainConfig, net: AegisNet, splits: dict[str, Split], cushion, rt: Runtime, out: Path,
                   checkpoint: dict | None, history: dict[str, list]) -> None:
     """Paper Eq. 4 with the gap closed: negatives are crafted by the WB objective towards the routed class.
@@ -324,8 +332,7 @@ def train_shields(cfg: TrainConfig, net: AegisNet, splits: dict[str, Split], cus
     generator = torch.Generator().manual_seed(cfg.seed + rt.rank)
     for epoch in range(start, cfg.shield_epochs):
         eps = cfg.eps_at(epoch)
-        attack = PGDConfig(eps=eps, steps=cfg.attack_steps, step_size=cfg.attack_step_size,
-                           direction=cfg.attack_direction)
+        attacks = training_attacks(cfg, eps)
         stats = {"loss": 0.0, "clean_accept": 0.0, "adv_reject": 0.0, "adv_label": 0.0, "n": 0}
         began = time.time()
         batches = loader(dataset, cfg.shield_batch_size, rt, epoch, cfg.seed)
@@ -333,8 +340,8 @@ def train_shields(cfg: TrainConfig, net: AegisNet, splits: dict[str, Split], cus
             x, y = x.to(rt.device), y.to(rt.device)
             offset = torch.randint(1, num_classes, y.shape, generator=generator).to(rt.device)
             target = (y + offset) % num_classes  # any class but the true one
-            adv = pgd(net, x, target, objective, attack, cushion=cushion,  # sees the current Shields
-                      surrogate=surrogates[batch % len(surrogates)])
+            adv = pgd(net, x, target, objective, attacks[batch // len(surrogates) % len(attacks)], cushion=cushion,
+                      surrogate=surrogates[batch % len(surrogates)])  # sees the current Shields
             with torch.no_grad():
                 _, clean_taps = net.classifier.forward_with_taps(exact_cushion(x, cushion))
                 adv_logits, adv_taps = net.classifier.forward_with_taps(exact_cushion(adv.x_adv, cushion))

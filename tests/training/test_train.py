@@ -227,3 +227,33 @@ def test_the_mixed_training_attacker_alternates_identity_and_differentiable_jpeg
         TrainConfig(attack_bpda="diffjpeg", cushion={"kind": "bitdepth", "bits": 5})
     with pytest.raises(ValueError, match="attack_bpda"):
         TrainConfig(attack_bpda="bogus")
+
+
+def test_smoothed_training_attacker_covers_every_combination_with_the_bpda_backward(small_net, xray_data, tmp_path,
+                                                                                   monkeypatch):
+    """attack_smoothing=mixed: the transfer attack's DI + TI gradient on every other pair of batches, so with
+    attack_bpda=mixed the four batches see each (backward, gradient) pair once; unknown values are refused."""
+    import copy
+
+    import training.train as train_module
+    from models.cushion import JpegCushion
+    from training.train import Runtime, Split, train_shields
+
+    seen, real_pgd = [], train_module.pgd
+
+    def recording_pgd(net, x, target, objective, config, surrogate=None, **kwargs):
+        seen.append((surrogate is not None, config.gradient_filter is not None, config.transform is not None))
+        result = real_pgd(net, x, target, objective, config, surrogate=surrogate, **kwargs)
+        assert (result.x_adv - x).abs().max() <= config.eps + 1e-6  # still inside the budget
+        return result
+
+    monkeypatch.setattr(train_module, "pgd", recording_pgd)
+    x, y = xray_data[0][:128], xray_data[1][:128]
+    split = Split((x.permute(0, 2, 3, 1) * 255).round().byte().numpy(), y.numpy())
+    cfg = TrainConfig(shield_epochs=1, shield_batch_size=32, attack_steps=1, attack_bpda="mixed",
+                      attack_smoothing="mixed")
+    train_shields(cfg, copy.deepcopy(small_net), {"train": split}, JpegCushion(), Runtime(0, 1, torch.device("cpu")),
+                  tmp_path, None, {"classifier": [], "shield": []})
+    assert seen == [(False, False, False), (True, False, False), (False, True, True), (True, True, True)]
+    with pytest.raises(ValueError, match="attack_smoothing"):
+        TrainConfig(attack_smoothing="always")
