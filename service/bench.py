@@ -12,6 +12,8 @@ Prints figures; it is not a timed test. Run on the machine whose figures you rep
    throughput and p50/p95/p99 latency. By default the client shares the machine's cores with the server; each row
    says how many cores the server and the client used (Linux /proc). `--server-cpus 0` pins the server (and the raw
    ORT measurement) to CPU 0 and the client to the others, so that the ratio to raw ORT compares like with like.
+   `--replicas N` runs N server processes (the way the service scales: one process per container, N containers on one
+   host and GPU), the load shared over them by N client processes.
 4. naive: the same decode -> prepare -> Cushion -> ORT -> decision done inline per request (batch 1, blocking the event
    loop), the way a first version usually looks; same client, same concurrency.
 """
@@ -145,9 +147,12 @@ def start_server(args: list[str], env: dict[str, str], cpus: set[int] | None = N
     raise RuntimeError("server did not become ready")
 
 
-async def _load(base: str, path: str, images: list[bytes], concurrency: int, seconds: float) -> dict:
-    """`concurrency` closed-loop clients; httpx's pool slows down past ~8 connections per client, so the workers are
-    spread over one AsyncClient per 4 connections (otherwise the load generator, not the server, is measured)."""
+async def _load(base: str, path: str, images: list[bytes], concurrency: int, seconds: float,
+                start_at: float | None = None) -> dict:
+    """`concurrency` closed-loop clients, warmed up until `start_at` (wall clock, so that client processes start
+    measuring together; default: 1 s from now), then measured for `seconds`. httpx's pool slows down past ~8
+    connections per client, so the workers are spread over one AsyncClient per 4 connections (otherwise the load
+    generator, not the server, is measured). Answers the raw latencies (s), errors and the measured seconds."""
     import httpx
 
     latencies: list[float] = []
@@ -159,7 +164,7 @@ async def _load(base: str, path: str, images: list[bytes], concurrency: int, sec
     async def worker(w: int, until: float, record: bool):
         nonlocal errors
         client, i = clients[w % n_clients], w
-        while time.perf_counter() < until:
+        while time.time() < until:
             t0 = time.perf_counter()
             r = await client.post(path, content=images[i % len(images)], headers={"content-type": "image/png"})
             if record:
@@ -169,17 +174,16 @@ async def _load(base: str, path: str, images: list[bytes], concurrency: int, sec
                     errors += 1
             i += concurrency
 
+    started = time.time() + 1.0 if start_at is None else start_at
     try:
-        await asyncio.gather(*(worker(w, time.perf_counter() + 1.0, False) for w in range(concurrency)))  # warm-up
-        started = time.perf_counter()
+        await asyncio.gather(*(worker(w, started, False) for w in range(concurrency)))  # warm-up
+        started = time.time()
         await asyncio.gather(*(worker(w, started + seconds, True) for w in range(concurrency)))
-        elapsed = time.perf_counter() - started
+        elapsed = time.time() - started
     finally:
         for client in clients:
             await client.aclose()
-    q = np.percentile(latencies, [50, 95, 99]) if latencies else [float("nan")] * 3
-    return {"concurrency": concurrency, "requests_per_second": len(latencies) / elapsed, "p50_ms": q[0] * 1e3,
-            "p95_ms": q[1] * 1e3, "p99_ms": q[2] * 1e3, "errors": errors}
+    return {"latencies": latencies, "errors": errors, "seconds": elapsed}
 
 
 def _process_cpu_seconds(pid: int) -> float | None:
@@ -191,21 +195,47 @@ def _process_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _measured_load(process: subprocess.Popen, base: str, path: str, images: list[bytes], concurrency: int,
-                   seconds: float) -> dict:
-    """`_load`, plus the cores the server process and this client process used while it ran (warm-up included)."""
+def _client_process(job: tuple) -> dict:
+    """One load-generator process (`_load` plus the CPU seconds it used): a single Python client tops out near the
+    server's own rate, so loads on several replicas run one client process per replica."""
     import resource
 
-    def client_cpu() -> float:
+    def cpu() -> float:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         return usage.ru_utime + usage.ru_stime
 
-    server0, client0, started = _process_cpu_seconds(process.pid), client_cpu(), time.perf_counter()
-    row = asyncio.run(_load(base, path, images, concurrency, seconds))
-    server1, client1, elapsed = _process_cpu_seconds(process.pid), client_cpu(), time.perf_counter() - started
-    row["server_cores"] = None if server0 is None or server1 is None else (server1 - server0) / elapsed
-    row["client_cores"] = (client1 - client0) / elapsed
-    return row
+    before = cpu()
+    result = asyncio.run(_load(*job))
+    result["cpu_seconds"] = cpu() - before
+    return result
+
+
+def _measured_load(processes: list[subprocess.Popen], bases: list[str], path: str, images: list[bytes],
+                   concurrency: int, seconds: float) -> dict:
+    """`_load` on every replica at once (the concurrency shared out over them, one client process each when there
+    are several), with the cores the server processes and the clients used while it ran (warm-up included)."""
+    import multiprocessing
+
+    n = len(bases)
+    shares = [s for s in (concurrency // n + (i < concurrency % n) for i in range(n)) if s]
+    server0, started = [_process_cpu_seconds(p.pid) for p in processes], time.perf_counter()
+    if len(shares) == 1:
+        results = [_client_process((bases[0], path, images, shares[0], seconds))]
+    else:
+        start_at = time.time() + 5.0  # the spawned clients import this module first
+        jobs = [(base, path, images, share, seconds, start_at) for base, share in zip(bases, shares)]
+        with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
+            results = pool.map(_client_process, jobs)
+    server1, elapsed = [_process_cpu_seconds(p.pid) for p in processes], time.perf_counter() - started
+    latencies = [t for r in results for t in r["latencies"]]
+    q = np.percentile(latencies, [50, 95, 99]) if latencies else [float("nan")] * 3
+    measured = max(r["seconds"] for r in results)
+    known = None not in server0 + server1
+    return {"concurrency": concurrency, "replicas": len(bases), "requests_per_second": len(latencies) / measured,
+            "p50_ms": q[0] * 1e3, "p95_ms": q[1] * 1e3, "p99_ms": q[2] * 1e3,
+            "errors": sum(r["errors"] for r in results), "answered_per_replica": [len(r["latencies"]) for r in results],
+            "server_cores": (sum(server1) - sum(server0)) / elapsed if known else None,
+            "client_cores": sum(r["cpu_seconds"] for r in results) / elapsed}
 
 
 def naive_app(bundle_dir: str | None):
@@ -261,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-cpus", type=parse_cpus, default=None, metavar="LIST",
                         help="e.g. 0 or 0-3: the server (and the raw ORT limit) run on these CPUs, the load "
                              "generator on the others, so that the client's CPU is not charged to the server")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="server processes per endpoint (like replicas of one container each, sharing the "
+                             "machine and its GPU), each driven by its own client process")
     parser.add_argument("--serve-naive", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -287,9 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict = {"bundle": f"{bundle.manifest.name} {bundle.manifest.version}", "images": len(images),
                      "input": bundle.manifest.input.model_dump(), "cpu_count": os.cpu_count(),
                      "machine": platform.platform(), "command": " ".join(["python -m service.bench", *sys.argv[1:]]),
-                     "server_cpus": sorted(args.server_cpus) if args.server_cpus else "all",
+                     "server_cpus": sorted(args.server_cpus) if args.server_cpus else "all", "replicas": args.replicas,
                      "client_cpus": sorted(client_cpus) if client_cpus else "all (shared with the server)"}
-    print(json.dumps({k: figures[k] for k in ("bundle", "input", "images", "cpu_count", "server_cpus", "client_cpus")}))
+    print(json.dumps({k: figures[k] for k in ("bundle", "input", "images", "cpu_count", "server_cpus", "client_cpus",
+                                              "replicas")}))
 
     raw = raw_ort(bundle, images, args.device, args.threads, args.seconds)
     best = max(raw, key=raw.get)
@@ -311,16 +345,21 @@ def main(argv: list[str] | None = None) -> int:
         bundle_args = ["--bundle", str(bundle.root)]
         for name, cmd, path in (("service", ["-m", "service", *bundle_args], "/v1/diagnose"),
                                 ("naive", ["-m", "service.bench", "--serve-naive", *bundle_args], "/naive")):
-            process, base = start_server(cmd, env, args.server_cpus)
-            figures[f"{name}_process_cpus"] = sorted(os.sched_getaffinity(process.pid))
+            servers = []
             try:
-                rows = [_measured_load(process, base, path, images, c, args.seconds) for c in args.concurrency]
+                for _ in range(args.replicas):
+                    servers.append(start_server(cmd, env, args.server_cpus))
+                processes, bases = [s[0] for s in servers], [s[1] for s in servers]
+                figures[f"{name}_process_cpus"] = sorted(os.sched_getaffinity(processes[0].pid))
+                rows = [_measured_load(processes, bases, path, images, c, args.seconds) for c in args.concurrency]
             finally:
-                process.terminate()
-                process.wait(60)
+                for process, _ in servers:
+                    process.terminate()
+                for process, _ in servers:
+                    process.wait(60)
             figures[name] = rows
             for row in rows:
-                print(f"{name:8s} c={row['concurrency']:3d}: {row['requests_per_second']:8.1f} req/s  "
+                print(f"{name:8s} c={row['concurrency']:3d} x{row['replicas']}: {row['requests_per_second']:8.1f} req/s  "
                       f"p50 {row['p50_ms']:7.1f} ms  p95 {row['p95_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  "
                       f"errors {row['errors']}  cores: server {row['server_cores'] or float('nan'):.2f} "
                       f"client {row['client_cores']:.2f}")

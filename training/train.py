@@ -23,7 +23,7 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +39,8 @@ from tqdm import tqdm
 from models.cushion import parse_cushion
 from models.imaging import InputSpec
 from models.networks import AegisNet, build_aegis
-from training.attacks import (DiffJpeg, DiverseInput, GaussianSmoothing, Objective, PGDConfig, RejectClassObjective,
-                              ShieldOnlyObjective, WhiteBoxObjective, exact_cushion, jpeg_quality, pgd)
+from training.attacks import (DiffJpeg, Objective, PGDConfig, RejectClassObjective, ShieldOnlyObjective,
+                              WhiteBoxObjective, exact_cushion, jpeg_quality, pgd, with_transfer_smoothing)
 from training.config import TrainConfig, load_config
 from training.data import CLASSES, fingerprint, load_images, load_records, split_validation
 
@@ -301,7 +301,7 @@ def training_attacks(cfg: TrainConfig, eps: float) -> list[PGDConfig]:
     plain = PGDConfig(eps=eps, steps=cfg.attack_steps, step_size=cfg.attack_step_size, direction=cfg.attack_direction)
     if cfg.attack_smoothing == "none":
         return [plain]
-    return [plain, replace(plain, transform=DiverseInput(), gradient_filter=GaussianSmoothing())]
+    return [plain, with_transfer_smoothing(plain)]
 
 
 def train_shields(cfg: TrainConfig, net: AegisNet, splits: dict[str, Split], cushion, rt: Runtime, out: Path,

@@ -1,4 +1,5 @@
-"""The benchmark script runs (figures are printed, not asserted: it is not a timed test)."""
+"""The benchmark script runs and drives what it says it drives (figures are printed, not asserted: it is not a
+timed test)."""
 
 from __future__ import annotations
 
@@ -48,3 +49,16 @@ def test_pinned_benchmark_keeps_the_server_and_the_client_apart(bundle_dir, tmp_
         row = figures[name][0]
         assert row["concurrency"] == 4 and row["requests_per_second"] > 0 and row["errors"] == 0
         assert row["server_cores"] <= 1.05  # one CPU's worth at most, /proc accounting
+
+
+def test_replicas_share_the_load_each_with_its_own_client(bundle_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["--bundle", str(bundle_dir), "--seconds", "0.3", "--concurrency", "3", "--threads", "1",
+                 "--replicas", "2", "--images", str(SAMPLES[0].parent / "*.png"), "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert figures["replicas"] == 2
+    for name in ("service", "naive"):
+        row = figures[name][0]
+        assert row["replicas"] == 2 and row["errors"] == 0
+        assert len(row["answered_per_replica"]) == 2 and min(row["answered_per_replica"]) > 0  # both replicas served
+        assert row["requests_per_second"] > 0

@@ -7,7 +7,8 @@ from training.attacks.bpda import exact_cushion, through_cushion
 from training.attacks.cw_l2 import cw_l2
 from training.attacks.engine import AttackResult, PGDConfig, Pipeline, into_budget, judge, pgd, quantise
 from training.attacks.feature_attacks import fit_hfc_mixtures, nearest_guides
-from training.attacks.library import ATTACKS, AttackSpec, build_attack, eps_sweep, jpeg_quality
+from training.attacks.library import (ATTACKS, AttackSpec, build_attack, eps_sweep, jpeg_quality,
+                                      with_transfer_smoothing)
 from training.attacks.objectives import (CWObjective, FeatureObjective, GaussianMixture, HFCObjective, Objective,
                                          RejectClassObjective, ShieldOnlyObjective, WhiteBoxObjective, cw_margin,
                                          reject_as_class, target_shield)
@@ -18,5 +19,5 @@ __all__ = [
     "GaussianMixture", "GaussianSmoothing", "HFCObjective", "Objective", "PGDConfig", "Pipeline", "RandomTranslate",
     "RejectClassObjective", "ShieldOnlyObjective", "WhiteBoxObjective", "build_attack", "cw_l2", "cw_margin", "eps_sweep", "exact_cushion",
     "fit_hfc_mixtures", "gaussian_kernel", "into_budget", "jpeg_quality", "judge", "nearest_guides", "pgd", "quantise", "reject_as_class", "target_shield",
-    "through_cushion",
+    "through_cushion", "with_transfer_smoothing",
 ]

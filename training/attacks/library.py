@@ -136,12 +136,18 @@ def _cw_l2(eps, steps, thresholds, kappa=0.0, search_steps=9):
                       run, eps, "l2", steps)
 
 
+def with_transfer_smoothing(config: PGDConfig) -> PGDConfig:
+    """`config` with the transfer attack's input diversity (DI) and translation-invariant gradient (TI): the one
+    definition the transfer attack and the training attacker's `attack_smoothing=mixed` share."""
+    return replace(config, transform=DiverseInput(), gradient_filter=GaussianSmoothing())
+
+
 def _transfer(eps, steps, thresholds, substitute: nn.Module | None = None):
     if substitute is None:
         raise ValueError("a transfer attack needs a trained substitute model (substitute=...), e.g. a VGG-16 "
                          "TappedClassifier trained on the same training split")
-    config = PGDConfig(eps=eps, steps=steps, step_size=eps / steps, random_start=False, momentum=1.0,
-                       transform=DiverseInput(), gradient_filter=GaussianSmoothing())
+    config = with_transfer_smoothing(PGDConfig(eps=eps, steps=steps, step_size=eps / steps, random_start=False,
+                                               momentum=1.0))
     backbone = getattr(substitute, "backbone_name", type(substitute).__name__)
 
     def run(net, x, target, cushion=None):
