@@ -52,7 +52,8 @@ class TrainConfig:
     attack_steps: int = 7
     attack_step_size: float | None = None  # None: 2.5 * eps / attack_steps (engine default)
     # "wb": -S^t + J_cw (the evaluation's WB attack); "n1": CE on the (N+1)-class wrapper (the audit's wb_n1);
-    # "shield": the paper's -S^t
+    # "shield": the paper's -S^t; "ce": the classifier's CE alone (a conventional attack, blind to the Shields);
+    # "a+b": alternate batch by batch
     attack_objective: str = "wb"
     attack_direction: str = "sum"  # "sum" | "selective" | "orthogonal" (engine PGDConfig.direction)
     attack_kappa: float = 10.0
@@ -80,8 +81,9 @@ class TrainConfig:
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.attack_objective not in ("wb", "n1", "shield"):
-            raise ValueError(f"attack_objective must be 'wb', 'n1' or 'shield', got {self.attack_objective!r}")
+        if not set(self.attack_objective.split("+")) <= {"wb", "n1", "shield", "ce"}:
+            raise ValueError("attack_objective must be 'wb', 'n1', 'shield', 'ce' or several joined by '+', "
+                             f"got {self.attack_objective!r}")
         if self.attack_bpda not in ("identity", "diffjpeg", "mixed"):
             raise ValueError(f"attack_bpda must be 'identity', 'diffjpeg' or 'mixed', got {self.attack_bpda!r}")
         if self.attack_smoothing not in ("none", "mixed"):

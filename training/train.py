@@ -282,12 +282,13 @@ class ShieldTrainer(nn.Module):
         return self._net[0].shield_logits(taps)
 
 
-def training_objective(cfg: TrainConfig, num_classes: int):
-    if cfg.attack_objective == "shield":
-        return ShieldOnlyObjective()
-    if cfg.attack_objective == "n1":  # the Shields' own operating point while training: logit 0
-        return RejectClassObjective(thresholds=torch.zeros(num_classes))
-    return WhiteBoxObjective(kappa=cfg.attack_kappa)
+def training_objectives(cfg: TrainConfig, num_classes: int) -> list[Objective]:
+    """The objectives the training attacker cycles through, batch by batch (`attack_objective`, e.g. "n1+ce")."""
+    build = {"shield": ShieldOnlyObjective,
+             "n1": lambda: RejectClassObjective(thresholds=torch.zeros(num_classes)),  # the Shields' operating point
+             "wb": lambda: WhiteBoxObjective(kappa=cfg.attack_kappa),
+             "ce": Objective}  # the conventional attacker: the classifier's CE only, blind to the Shields
+    return [build[name]() for name in cfg.attack_objective.split("+")]
 
 
 def training_surrogates(cfg: TrainConfig) -> list[DiffJpeg | None]:
@@ -326,7 +327,7 @@ def train_shields(cfg: TrainConfig, net: AegisNet, splits: dict[str, Split], cus
     trainer = ShieldTrainer(net)
     trainable = DistributedDataParallel(trainer) if rt.world > 1 else trainer
     num_classes = len(net.shields)
-    objective = training_objective(cfg, num_classes)
+    objectives = training_objectives(cfg, num_classes)
     surrogates = training_surrogates(cfg)
     dataset = TrainImages(splits["train"], cushion, 0.0, cfg.seed + 1000 + rt.rank)
     generator = torch.Generator().manual_seed(cfg.seed + rt.rank)
@@ -340,8 +341,10 @@ def train_shields(cfg: TrainConfig, net: AegisNet, splits: dict[str, Split], cus
             x, y = x.to(rt.device), y.to(rt.device)
             offset = torch.randint(1, num_classes, y.shape, generator=generator).to(rt.device)
             target = (y + offset) % num_classes  # any class but the true one
-            adv = pgd(net, x, target, objective, attacks[batch // len(surrogates) % len(attacks)], cushion=cushion,
-                      surrogate=surrogates[batch % len(surrogates)])  # sees the current Shields
+            # every combination of objective, BPDA backward and attack setting in turn; sees the current Shields
+            turn, objective = divmod(batch, len(objectives))
+            adv = pgd(net, x, target, objectives[objective], attacks[turn // len(surrogates) % len(attacks)],
+                      cushion=cushion, surrogate=surrogates[turn % len(surrogates)])
             with torch.no_grad():
                 _, clean_taps = net.classifier.forward_with_taps(exact_cushion(x, cushion))
                 adv_logits, adv_taps = net.classifier.forward_with_taps(exact_cushion(adv.x_adv, cushion))

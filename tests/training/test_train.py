@@ -187,15 +187,18 @@ def test_a_run_whose_classifier_is_unfinished_is_refused(tiny_run, tmp_path):
 
 
 def test_the_shield_training_attacker_objective_is_chosen_by_config():
-    from training.attacks import RejectClassObjective, ShieldOnlyObjective, WhiteBoxObjective
-    from training.train import training_objective
+    from training.attacks import Objective, RejectClassObjective, ShieldOnlyObjective, WhiteBoxObjective
+    from training.train import training_objectives
 
-    assert isinstance(training_objective(TrainConfig(), 2), WhiteBoxObjective)
-    assert isinstance(training_objective(TrainConfig(attack_objective="shield"), 2), ShieldOnlyObjective)
-    n1 = training_objective(TrainConfig(attack_objective="n1"), 3)
+    [wb] = training_objectives(TrainConfig(), 2)
+    assert isinstance(wb, WhiteBoxObjective)
+    assert [type(o) for o in training_objectives(TrainConfig(attack_objective="shield"), 2)] == [ShieldOnlyObjective]
+    n1, ce = training_objectives(TrainConfig(attack_objective="n1+ce"), 3)
     assert isinstance(n1, RejectClassObjective) and torch.equal(n1.thresholds, torch.zeros(3))
-    with pytest.raises(ValueError, match="attack_objective"):
-        TrainConfig(attack_objective="bogus")
+    assert type(ce) is Objective  # conventional: the classifier's CE, blind to the Shields
+    for bogus in ("bogus", "n1+bogus"):
+        with pytest.raises(ValueError, match="attack_objective"):
+            TrainConfig(attack_objective=bogus)
 
 
 def test_the_mixed_training_attacker_alternates_identity_and_differentiable_jpeg_bpda(small_net, xray_data, tmp_path,
@@ -227,6 +230,33 @@ def test_the_mixed_training_attacker_alternates_identity_and_differentiable_jpeg
         TrainConfig(attack_bpda="diffjpeg", cushion={"kind": "bitdepth", "bits": 5})
     with pytest.raises(ValueError, match="attack_bpda"):
         TrainConfig(attack_bpda="bogus")
+
+
+def test_training_attacker_alternates_its_objectives_with_each_bpda_backward(small_net, xray_data, tmp_path,
+                                                                            monkeypatch):
+    """attack_objective=n1+ce: the (N+1)-class attacker and the conventional one batch by batch, each with both
+    backward passes of attack_bpda=mixed."""
+    import copy
+
+    import training.train as train_module
+    from models.cushion import JpegCushion
+    from training.attacks import Objective, RejectClassObjective
+    from training.train import Runtime, Split, train_shields
+
+    seen, real_pgd = [], train_module.pgd
+
+    def recording_pgd(net, x, target, objective, config, surrogate=None, **kwargs):
+        seen.append((type(objective), surrogate is not None))
+        return real_pgd(net, x, target, objective, config, surrogate=surrogate, **kwargs)
+
+    monkeypatch.setattr(train_module, "pgd", recording_pgd)
+    x, y = xray_data[0][:128], xray_data[1][:128]
+    split = Split((x.permute(0, 2, 3, 1) * 255).round().byte().numpy(), y.numpy())
+    cfg = TrainConfig(shield_epochs=1, shield_batch_size=32, attack_steps=1, attack_bpda="mixed",
+                      attack_objective="n1+ce")
+    train_shields(cfg, copy.deepcopy(small_net), {"train": split}, JpegCushion(), Runtime(0, 1, torch.device("cpu")),
+                  tmp_path, None, {"classifier": [], "shield": []})
+    assert seen == [(RejectClassObjective, False), (Objective, False), (RejectClassObjective, True), (Objective, True)]
 
 
 def test_smoothed_training_attacker_covers_every_combination_with_the_bpda_backward(small_net, xray_data, tmp_path,
