@@ -201,28 +201,39 @@ def test_the_shield_training_attacker_objective_is_chosen_by_config():
             TrainConfig(attack_objective=bogus)
 
 
-def test_the_mixed_training_attacker_alternates_identity_and_differentiable_jpeg_bpda(small_net, xray_data, tmp_path,
-                                                                                     monkeypatch):
+def _training_attacker_calls(small_net, xray_data, tmp_path, monkeypatch, cfg, record) -> list:
+    """Train Shields one epoch (4 batches of 32 images) with `cfg`, recording `record(objective, config, surrogate)`
+    for every call of the training attacker; each attack must stay inside its budget."""
     import copy
 
     import training.train as train_module
-    from models.cushion import JpegCushion
-    from training.attacks import DiffJpeg
+    from models.cushion import parse_cushion
     from training.train import Runtime, Split, train_shields
 
     seen, real_pgd = [], train_module.pgd
 
-    def recording_pgd(*args, surrogate=None, **kwargs):
-        seen.append(surrogate)
-        return real_pgd(*args, surrogate=surrogate, **kwargs)
+    def recording_pgd(net, x, target, objective, config, surrogate=None, **kwargs):
+        seen.append(record(objective, config, surrogate))
+        result = real_pgd(net, x, target, objective, config, surrogate=surrogate, **kwargs)
+        assert (result.x_adv - x).abs().max() <= config.eps + 1e-6
+        return result
 
     monkeypatch.setattr(train_module, "pgd", recording_pgd)
     x, y = xray_data[0][:128], xray_data[1][:128]
     split = Split((x.permute(0, 2, 3, 1) * 255).round().byte().numpy(), y.numpy())
+    train_shields(cfg, copy.deepcopy(small_net), {"train": split}, parse_cushion(cfg.cushion),
+                  Runtime(0, 1, torch.device("cpu")), tmp_path, None, {"classifier": [], "shield": []})
+    return seen
+
+
+def test_the_mixed_training_attacker_alternates_identity_and_differentiable_jpeg_bpda(small_net, xray_data, tmp_path,
+                                                                                     monkeypatch):
+    from training.attacks import DiffJpeg
+
     cfg = TrainConfig(shield_epochs=1, shield_batch_size=32, attack_steps=1, attack_bpda="mixed",
                       cushion={"kind": "jpeg", "quality": 60})
-    train_shields(cfg, copy.deepcopy(small_net), {"train": split}, JpegCushion(quality=60),
-                  Runtime(0, 1, torch.device("cpu")), tmp_path, None, {"classifier": [], "shield": []})
+    seen = _training_attacker_calls(small_net, xray_data, tmp_path, monkeypatch, cfg,
+                                    lambda objective, config, surrogate: surrogate)
     assert len(seen) == 4
     assert seen[0] is None and seen[2] is None
     assert all(isinstance(s, DiffJpeg) and s.quality == 60 for s in seen[1::2])
@@ -236,26 +247,12 @@ def test_training_attacker_alternates_its_objectives_with_each_bpda_backward(sma
                                                                             monkeypatch):
     """attack_objective=n1+ce: the (N+1)-class attacker and the conventional one batch by batch, each with both
     backward passes of attack_bpda=mixed."""
-    import copy
-
-    import training.train as train_module
-    from models.cushion import JpegCushion
     from training.attacks import Objective, RejectClassObjective
-    from training.train import Runtime, Split, train_shields
 
-    seen, real_pgd = [], train_module.pgd
-
-    def recording_pgd(net, x, target, objective, config, surrogate=None, **kwargs):
-        seen.append((type(objective), surrogate is not None))
-        return real_pgd(net, x, target, objective, config, surrogate=surrogate, **kwargs)
-
-    monkeypatch.setattr(train_module, "pgd", recording_pgd)
-    x, y = xray_data[0][:128], xray_data[1][:128]
-    split = Split((x.permute(0, 2, 3, 1) * 255).round().byte().numpy(), y.numpy())
     cfg = TrainConfig(shield_epochs=1, shield_batch_size=32, attack_steps=1, attack_bpda="mixed",
                       attack_objective="n1+ce")
-    train_shields(cfg, copy.deepcopy(small_net), {"train": split}, JpegCushion(), Runtime(0, 1, torch.device("cpu")),
-                  tmp_path, None, {"classifier": [], "shield": []})
+    seen = _training_attacker_calls(small_net, xray_data, tmp_path, monkeypatch, cfg,
+                                    lambda objective, config, surrogate: (type(objective), surrogate is not None))
     assert seen == [(RejectClassObjective, False), (Objective, False), (RejectClassObjective, True), (Objective, True)]
 
 
@@ -263,27 +260,12 @@ def test_smoothed_training_attacker_covers_every_combination_with_the_bpda_backw
                                                                                    monkeypatch):
     """attack_smoothing=mixed: the transfer attack's DI + TI gradient on every other pair of batches, so with
     attack_bpda=mixed the four batches see each (backward, gradient) pair once; unknown values are refused."""
-    import copy
-
-    import training.train as train_module
-    from models.cushion import JpegCushion
-    from training.train import Runtime, Split, train_shields
-
-    seen, real_pgd = [], train_module.pgd
-
-    def recording_pgd(net, x, target, objective, config, surrogate=None, **kwargs):
-        seen.append((surrogate is not None, config.gradient_filter is not None, config.transform is not None))
-        result = real_pgd(net, x, target, objective, config, surrogate=surrogate, **kwargs)
-        assert (result.x_adv - x).abs().max() <= config.eps + 1e-6  # still inside the budget
-        return result
-
-    monkeypatch.setattr(train_module, "pgd", recording_pgd)
-    x, y = xray_data[0][:128], xray_data[1][:128]
-    split = Split((x.permute(0, 2, 3, 1) * 255).round().byte().numpy(), y.numpy())
     cfg = TrainConfig(shield_epochs=1, shield_batch_size=32, attack_steps=1, attack_bpda="mixed",
                       attack_smoothing="mixed")
-    train_shields(cfg, copy.deepcopy(small_net), {"train": split}, JpegCushion(), Runtime(0, 1, torch.device("cpu")),
-                  tmp_path, None, {"classifier": [], "shield": []})
+    seen = _training_attacker_calls(
+        small_net, xray_data, tmp_path, monkeypatch, cfg,
+        lambda objective, config, surrogate: (surrogate is not None, config.gradient_filter is not None,
+                                              config.transform is not None))
     assert seen == [(False, False, False), (True, False, False), (False, True, True), (True, True, True)]
     with pytest.raises(ValueError, match="attack_smoothing"):
         TrainConfig(attack_smoothing="always")
