@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from models.cushion import Cushion
@@ -108,6 +109,15 @@ class Manifest(BaseModel):
 
     def threshold(self, class_index: int) -> float:
         return self.thresholds[self.classes[class_index]]
+
+    def threshold_array(self) -> np.ndarray:
+        """The thresholds as float64 in class-index order (the order of the graph's outputs)."""
+        return threshold_array(self.thresholds, self.classes)
+
+
+def threshold_array(thresholds: dict[str, float], classes: tuple[str, ...]) -> np.ndarray:
+    """Per-class thresholds {class: logit} as float64 in class-index order."""
+    return np.array([thresholds[c] for c in classes], dtype=np.float64)
 
 
 def sha256_file(path: Path) -> str:

@@ -30,7 +30,10 @@ def _check_uint8_image(image: np.ndarray) -> None:
         raise ValueError(f"the Cushion expects an H x W x C image with C in (1, 3), got shape {image.shape}")
 
 
-class _CushionBase(BaseModel):
+class CushionBase(BaseModel):
+    """What every Cushion is: a frozen, serialisable transform of uint8 images (the type to annotate a `cushion` with;
+    `Cushion` below is the manifest's tagged union of the concrete kinds)."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
@@ -52,7 +55,7 @@ class _CushionBase(BaseModel):
         return f"{self.kind}({params})"  # type: ignore[attr-defined]
 
 
-class NoCushion(_CushionBase):
+class NoCushion(CushionBase):
     """Identity: the Shield-only ablation (paper's "Shield" rows)."""
 
     kind: Literal["none"] = "none"
@@ -61,7 +64,7 @@ class NoCushion(_CushionBase):
         return image.copy()
 
 
-class JpegCushion(_CushionBase):
+class JpegCushion(CushionBase):
     """JPEG compression and decompression with Pillow (libjpeg-turbo), quality 80 by default (paper §4.1).
 
     Grayscale images are encoded as single-channel `L` JPEGs; RGB images with chroma subsampling pinned to 4:2:0
@@ -80,7 +83,7 @@ class JpegCushion(_CushionBase):
         return decoded[:, :, None] if gray else decoded
 
 
-class BitDepthCushion(_CushionBase):
+class BitDepthCushion(CushionBase):
     """Bit-depth reduction by dropping the least significant bits (paper "Bit-3/Bit-4": clip the last 3 / 4 bits).
 
     `bits` is the number of bits kept: Bit-3 = 5 bits kept, Bit-4 = 4 bits kept. The kept levels are centred in
@@ -96,7 +99,7 @@ class BitDepthCushion(_CushionBase):
         return to_uint8(reduced)
 
 
-class TVCushion(_CushionBase):
+class TVCushion(CushionBase):
     """Total-variation minimisation with scikit-image's Chambolle solver (deterministic, no pixel dropping).
 
     Guo et al. (ICLR 2018) drop random pixels first; that randomness would break the byte-identical contract
@@ -117,7 +120,7 @@ Cushion = Annotated[Union[NoCushion, JpegCushion, BitDepthCushion, TVCushion], F
 """A Cushion specification as stored in a bundle manifest (`{"kind": "jpeg", "quality": 80}`)."""
 
 
-def parse_cushion(spec: str | dict) -> _CushionBase:
+def parse_cushion(spec: str | dict) -> CushionBase:
     """Build a Cushion from a manifest dict or a short string: `jpeg`, `jpeg:70`, `bitdepth:4`, `tv:0.05`, `none`."""
     from pydantic import TypeAdapter
 

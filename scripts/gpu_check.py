@@ -6,7 +6,7 @@
 1. the GPU and ONNX Runtime's providers; 2. a session created the service's way (`service.runtime.create_runner`,
 device=cuda, refusing CPU fallback) really runs on CUDAExecutionProvider, and agrees with the CPU session;
 3. the real service (`python -m service`, AEGIS_DEVICE=cuda) answers /v1/diagnose and its /metrics report
-provider="CUDAExecutionProvider"; 4. `service.bench` on CUDA (raw ORT, defence cost, HTTP service vs naive) and on
+provider="CUDAExecutionProvider"; 4. `benchmarks.service` on CUDA (raw ORT, defence cost, HTTP service vs naive) and on
 CPU (raw ORT) for the default bundle's architecture (ResNet-18, 64 px) and the paper's (ResNet-50, 224 px).
 Everything printed is also written to OUT/gpu_check.json.
 """
@@ -51,7 +51,7 @@ def check_runner(bundle_dir: Path, device: str) -> dict:
 def check_service(bundle_dir: Path, device: str) -> dict:
     import httpx
 
-    from service.bench import start_server
+    from benchmarks.service import start_server
 
     env = {"AEGIS_AUTH_DISABLED": "true", "AEGIS_DEVICE": device, "AEGIS_LOG_LEVEL": "WARNING"}
     process, base = start_server(["-m", "service", "--bundle", str(bundle_dir)], env)
@@ -83,7 +83,7 @@ def main() -> int:
     print(json.dumps(report), flush=True)
     for backbone, size in (("resnet18", 64), ("resnet50", 224)):
         bundle_dir = Path(tempfile.mkdtemp()) / f"benchmark-{backbone}-{size}"  # 50 MB: not an output
-        subprocess.run([sys.executable, "-m", "training.bench_bundle", "--backbone", backbone, "--size", str(size),
+        subprocess.run([sys.executable, "-m", "benchmarks.bundle", "--backbone", backbone, "--size", str(size),
                         "--out", str(bundle_dir)], check=True, cwd=REPO)
         row: dict = {"runner": check_runner(bundle_dir, args.device)}
         print(backbone, size, json.dumps(row["runner"]), flush=True)
@@ -92,7 +92,7 @@ def main() -> int:
         runs = [(args.device, ["--concurrency", "1", "8", "32", "64"])] + ([] if args.skip_cpu else [("cpu", ["--skip-http"])])
         for device, extra in runs:
             path = args.out / f"bench-{backbone}-{size}-{device}.json"
-            subprocess.run([sys.executable, "-m", "service.bench", "--bundle", str(bundle_dir), "--device", device,
+            subprocess.run([sys.executable, "-m", "benchmarks.service", "--bundle", str(bundle_dir), "--device", device,
                             "--seconds", str(args.seconds), "--json", str(path), *extra], check=True, cwd=REPO)
             row[f"bench_{device}"] = json.loads(path.read_text())
         report[f"{backbone}-{size}"] = row

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
         return 2
 
-    from models.bundle import BundleError, load_bundle
+    from models.bundle import BundleError, load_bundle  # local import: settings errors first, before heavy imports
 
     try:  # fail before binding the port, with one clear line
         load_bundle(settings.bundle_dir)
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cannot serve: {error}", file=sys.stderr)
         return 2
 
-    from service.main import create_app
+    from service.main import create_app  # local import: imports ONNX Runtime, only once the bundle is known good
 
     app = create_app(settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, workers=1, lifespan="on", log_config=None,

@@ -33,21 +33,13 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
+from service.runtime import batch_buckets
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                    10.0, 30.0)
 SHIELD_LOGIT_BUCKETS = (-20.0, -10.0, -5.0, -4.0, -3.0, -2.0, -1.5, -1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75,
                         1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 10.0, 20.0)
 STAGES = ("decode", "prepare", "cushion", "queue", "inference", "total")
-
-
-def batch_buckets(max_batch_size: int) -> tuple[float, ...]:
-    """1, 2, 4, ... up to and including `max_batch_size`."""
-    buckets, b = [], 1
-    while b < max_batch_size:
-        buckets.append(float(b))
-        b *= 2
-    buckets.append(float(max_batch_size))
-    return tuple(buckets)
 
 
 class ServiceMetrics:
@@ -70,7 +62,7 @@ class ServiceMetrics:
         self.stage_duration = Histogram("aegis_stage_duration_seconds", "Per-request duration of each stage",
                                         ["stage"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("aegis_batch_size", "Images per ONNX Runtime call",
-                                    buckets=batch_buckets(max_batch_size), registry=r)
+                                    buckets=[float(b) for b in batch_buckets(max_batch_size)], registry=r)
         self.queue_depth = Gauge("aegis_queue_depth", "Requests waiting for a batch", registry=r)
         self.inflight = Gauge("aegis_inflight_requests", "Diagnose requests being handled", registry=r)
         self.ready = Gauge("aegis_ready", "1 when the bundle is loaded and warmed up", registry=r)

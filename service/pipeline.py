@@ -52,7 +52,7 @@ class DefensePipeline:
         self.manifest = bundle.manifest
         self.cushion = bundle.cushion
         self.classes = tuple(self.manifest.classes)
-        self.thresholds = np.array([self.manifest.threshold(i) for i in range(len(self.classes))], dtype=np.float64)
+        self.thresholds = self.manifest.threshold_array()
 
     def preprocess(self, image: Image.Image | np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
         """Image -> (model input row float32 C x H x W, timings {prepare, cushion})."""

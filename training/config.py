@@ -9,16 +9,26 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
+
+from training.options import BpdaBackward, Dataset, Direction, ObjectiveName, Smoothing, check_literals
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+DATA_FOLDERS = {"kermany": "kermany-pneumonia", "aptos": "aptos2019-dr"}
 DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def dataset_dir(dataset: str, data_dir: str | Path | None = None) -> Path:
+    """`data_dir` when given, else $AEGIS_DATA_DIR/<dataset folder>, else ../shared/data/<dataset folder>."""
+    if data_dir:
+        return Path(data_dir)
+    return Path(os.environ.get("AEGIS_DATA_DIR", DEFAULT_DATA_ROOT)) / DATA_FOLDERS[dataset]
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     # data
-    dataset: str = "kermany"
+    dataset: Dataset = "kermany"
     data_dir: str | None = None  # default: $AEGIS_DATA_DIR/<dataset folder> or ../shared/data/<dataset folder>
     image_size: int = 64
     channels: int = 1
@@ -55,16 +65,16 @@ class TrainConfig:
     # "shield": the paper's -S^t; "ce": the classifier's CE alone (a conventional attack, blind to the Shields);
     # "a+b": alternate batch by batch
     attack_objective: str = "wb"
-    attack_direction: str = "sum"  # "sum" | "selective" | "orthogonal" (engine PGDConfig.direction)
+    attack_direction: Direction = "sum"  # engine PGDConfig.direction
     attack_kappa: float = 10.0
     # the training attacker's BPDA backward through the Cushion: "identity" (the paper's), "diffjpeg" (the gradient
     # of a differentiable JPEG, the audit's wb_diffjpeg; JPEG Cushions only) or "mixed" (alternate batch by batch,
     # so the Shields see both kinds of attack)
-    attack_bpda: str = "identity"
+    attack_bpda: BpdaBackward = "identity"
     # "mixed": every other batch (after the BPDA alternation), the attacker's gradient goes through input diversity
     # and a Gaussian filter (the transfer attack's DI + TI), so the Shields also see smooth, low-frequency
     # perturbations like those a transfer attack makes; "none": plain gradients only
-    attack_smoothing: str = "none"
+    attack_smoothing: Smoothing = "none"
     # calibration
     clean_rejection_rate: float = 0.05
     # evaluation written into the bundle (CPU scale by default; the paper uses the whole test split)
@@ -77,17 +87,14 @@ class TrainConfig:
     threads: int | None = None
 
     def __post_init__(self):
+        check_literals(self)
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if not set(self.attack_objective.split("+")) <= {"wb", "n1", "shield", "ce"}:
-            raise ValueError("attack_objective must be 'wb', 'n1', 'shield', 'ce' or several joined by '+', "
-                             f"got {self.attack_objective!r}")
-        if self.attack_bpda not in ("identity", "diffjpeg", "mixed"):
-            raise ValueError(f"attack_bpda must be 'identity', 'diffjpeg' or 'mixed', got {self.attack_bpda!r}")
-        if self.attack_smoothing not in ("none", "mixed"):
-            raise ValueError(f"attack_smoothing must be 'none' or 'mixed', got {self.attack_smoothing!r}")
+        if not set(self.attack_objective.split("+")) <= set(get_args(ObjectiveName)):
+            raise ValueError(f"attack_objective must be one of {', '.join(map(repr, get_args(ObjectiveName)))} or "
+                             f"several joined by '+', got {self.attack_objective!r}")
         if self.attack_bpda != "identity" and self.cushion.get("kind") != "jpeg":
             raise ValueError(f"attack_bpda={self.attack_bpda!r} needs a JPEG Cushion, got {self.cushion}")
         if not 0 < self.eps_start <= self.eps_end:
@@ -95,10 +102,7 @@ class TrainConfig:
 
     @property
     def resolved_data_dir(self) -> Path:
-        if self.data_dir:
-            return Path(self.data_dir)
-        folder = {"kermany": "kermany-pneumonia", "aptos": "aptos2019-dr"}[self.dataset]
-        return Path(os.environ.get("AEGIS_DATA_DIR", DEFAULT_DATA_ROOT)) / folder
+        return dataset_dir(self.dataset, self.data_dir)
 
     def eps_at(self, epoch: int) -> float:
         """Linear curriculum from eps_start (epoch 0) to eps_end (epoch curriculum_epochs - 1), then held."""

@@ -20,9 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
 
+from models.cushion import CushionBase
 from models.imaging import InputSpec, prepare_image
+from training.config import TrainConfig
 
 CLASSES = {"kermany": ("NORMAL", "PNEUMONIA"), "aptos": ("NO_DR", "DR")}
 _KAGGLE_PATIENT = re.compile(r"^(person\d+)_|^((?:NORMAL2-)?IM-\d+)-")
@@ -134,3 +140,59 @@ def fingerprint(records: list[Record]) -> str:
         digest.update(f"{record.path.name}|{record.label}|{record.split}|".encode())
         digest.update(hashlib.sha256(record.path.read_bytes()).digest())
     return digest.hexdigest()
+
+
+@dataclass
+class Split:
+    images: np.ndarray  # uint8 N x H x W x C
+    labels: np.ndarray  # int64 N
+
+    def tensor(self) -> Tensor:
+        """Float N x C x H x W in [0, 1] (not Cushioned)."""
+        return torch.from_numpy(self.images).permute(0, 3, 1, 2).float() / 255
+
+
+def load_split(records: list[Record], spec: InputSpec) -> Split:
+    return Split(load_images(records, spec), np.array([r.label for r in records], dtype=np.int64))
+
+
+def load_data(cfg: TrainConfig) -> tuple[dict[str, Split], dict]:
+    """The train / patient-disjoint val / test splits of a training config, and what the bundle says of them."""
+    spec = InputSpec(channels=cfg.channels, height=cfg.image_size, width=cfg.image_size)
+    records = split_validation(load_records(cfg.dataset, cfg.resolved_data_dir), cfg.val_fraction, cfg.seed)
+    splits, counts = {}, {}
+    for name in ("train", "val", "test"):
+        chosen = [r for r in records if r.split == name]
+        if cfg.limit_per_split:
+            rng = np.random.default_rng(cfg.seed)
+            chosen = [chosen[i] for i in sorted(rng.permutation(len(chosen))[:cfg.limit_per_split])]
+        splits[name] = load_split(chosen, spec)
+        counts[name] = {c: int((splits[name].labels == k).sum()) for k, c in enumerate(CLASSES[cfg.dataset])}
+    used = [r for r in records if r.split in ("train", "val", "test")]
+    info = {"dataset": cfg.dataset, "path": str(cfg.resolved_data_dir), "fingerprint": fingerprint(used),
+            "counts": counts, "validation": f"patient/cluster-disjoint {cfg.val_fraction:.0%} of train, seed {cfg.seed}"}
+    return splits, info
+
+
+class TrainImages(Dataset):
+    """Augmented training images; each is Cushioned with probability `cushion_prob` (so the Cushion costs ~nothing)."""
+
+    def __init__(self, split: Split, cushion: CushionBase, cushion_prob: float, seed: int):
+        self.split, self.cushion, self.cushion_prob = split, cushion, cushion_prob
+        size = split.images.shape[1:3]
+        # Geometry and exposure jitter: the Kermany test folder differs from train in acquisition, not anatomy.
+        self.augment = v2.Compose([
+            v2.RandomResizedCrop(size, scale=(0.75, 1.0), ratio=(0.9, 1.1), antialias=True),
+            v2.RandomAffine(degrees=10, translate=(0.05, 0.05)),
+            v2.ColorJitter(brightness=0.25, contrast=0.25),
+        ])
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.split.labels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        image = self.augment(torch.from_numpy(self.split.images[i]).permute(2, 0, 1))
+        if self.rng.random() < self.cushion_prob:
+            image = torch.from_numpy(self.cushion(image.permute(1, 2, 0).numpy().copy())).permute(2, 0, 1)
+        return image.float() / 255, int(self.split.labels[i])

@@ -2,6 +2,8 @@
 acceptance (PGD-20 that ignores the Shield; WB-100, WB_d-100 and selective PGD-100 that attack it), all with BPDA
 through the real Cushion, on uint8-quantised adversarial images, at the bundle's own thresholds.
 
+It also calibrates the thresholds (`calibrate`: on clean validation images, never on test).
+
 Re-evaluate an existing bundle (the figures in its model card come from this):
 
     python -m training.evaluate --bundle models/default --images 150
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shlex
 import sys
 from dataclasses import replace
@@ -28,9 +31,18 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import Tensor
 
-from models.networks import AegisNet
-from training.attacks import AttackSpec, build_attack, exact_cushion
-from training.metrics import auroc, tpr_at_tnr
+from models.bundle import load_bundle
+from models.cushion import CushionBase
+from models.networks import AegisNet, load_aegis
+from training.attacks import AttackSpec, build_attack
+from training.config import dataset_dir
+from training.data import CLASSES, load_records, load_split
+from training.export import update_bundle
+from training.inference import predict
+from training.metrics import auroc, realised_tnr, routed_scores, shield_threshold, tpr_at_tnr
+from training.model_card import model_card
+
+log = logging.getLogger("aegis.evaluate")
 
 EPS = 16 / 256
 
@@ -49,27 +61,24 @@ def attack_suite(thresholds: Tensor, steps: int = 100, kappa: float = 10.0) -> l
     ]
 
 
-@torch.no_grad()
-def predict(net: AegisNet, x: Tensor, cushion, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, shield_logits) of the pipeline on `x` (Cushion None: bypass it)."""
-    logits, shields = [], []
-    for i in range(0, len(x), batch):
-        xb = x[i:i + batch]
-        out = net(exact_cushion(xb, cushion) if cushion is not None else xb)
-        logits.append(out[0].numpy())
-        shields.append(out[1].numpy())
-    return np.concatenate(logits), np.concatenate(shields)
+def calibrate(net: AegisNet, x_val: Tensor, labels: np.ndarray, cushion: CushionBase, classes: tuple[str, ...],
+              rate: float) -> tuple[dict[str, float], dict[str, int]]:
+    """Per-class thresholds on clean validation images routed (by prediction) to each Shield, and their counts."""
+    logits, shields = predict(net, x_val, cushion)
+    pred = logits.argmax(1)
+    thresholds, counts = {}, {}
+    for k, name in enumerate(classes):
+        routed = shields[pred == k, k]
+        if len(routed) == 0:  # no validation image predicted as k: calibrate on those labelled k instead
+            log.warning("no validation image is predicted as %s; calibrating its Shield on the %s-labelled ones",
+                        name, name)
+            routed = shields[labels == k, k]
+        counts[name] = int(len(routed))
+        thresholds[name] = shield_threshold(routed, rate)
+    return thresholds, counts
 
 
-def routed_scores(shield_logits: np.ndarray, classes: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """Detection score (high = adversarial): threshold minus Shield logit of `classes` (predicted / target class).
-
-    Relative to each class's threshold, so pooled AUROC / TPR compare like with like and a score > 0 is a rejection.
-    """
-    return thresholds[classes] - shield_logits[np.arange(len(classes)), classes]
-
-
-def clean_metrics(net: AegisNet, x: Tensor, labels: np.ndarray, cushion, thresholds: np.ndarray) -> dict:
+def clean_metrics(net: AegisNet, x: Tensor, labels: np.ndarray, cushion: CushionBase, thresholds: np.ndarray) -> dict:
     out = {}
     for name, c in (("cushion", cushion), ("no_cushion", None)):
         logits, shields = predict(net, x, c)
@@ -89,7 +98,7 @@ def clean_metrics(net: AegisNet, x: Tensor, labels: np.ndarray, cushion, thresho
     return out
 
 
-def attack_metrics(net: AegisNet, x: Tensor, labels: np.ndarray, cushion, thresholds: np.ndarray,
+def attack_metrics(net: AegisNet, x: Tensor, labels: np.ndarray, cushion: CushionBase, thresholds: np.ndarray,
                    specs: list[AttackSpec], images: int, batch: int = 50, seed: int = 0) -> dict:
     """Run each attack on up to `images` correctly classified test images; returns per-attack figures."""
     logits, shields = predict(net, x, cushion)
@@ -115,15 +124,16 @@ def attack_metrics(net: AegisNet, x: Tensor, labels: np.ndarray, cushion, thresh
         adv_scores = routed_scores(adv_shields, targets, thresholds)
         accepted = adv_scores <= 0
         successful_scores = adv_scores[reached]
-        tpr90, tnr90 = tpr_at_tnr(clean_scores, successful_scores, 0.90)
-        tpr95, tnr95 = tpr_at_tnr(clean_scores, successful_scores, 0.95)
         results[spec.name] = {
             "description": spec.description,
             "eps": spec.eps, "norm": spec.norm, "steps": spec.steps, "max_linf": linf,
             "max_l2": float((adv - x[chosen]).flatten(1).norm(dim=1).max()),
             "attempted": int(len(chosen)), "asr_label": float(reached.mean()),
             "auroc": auroc(clean_scores, successful_scores),
-            "tpr_at_90tnr": tpr90, "tnr_realised_90": tnr90, "tpr_at_95tnr": tpr95, "tnr_realised_95": tnr95,
+            "tpr_at_90tnr": tpr_at_tnr(clean_scores, successful_scores, 0.90),
+            "tnr_realised_90": realised_tnr(clean_scores, successful_scores, 0.90),
+            "tpr_at_95tnr": tpr_at_tnr(clean_scores, successful_scores, 0.95),
+            "tnr_realised_95": realised_tnr(clean_scores, successful_scores, 0.95),
             "rejected_of_successful": float(1 - accepted[reached].mean()) if reached.any() else float("nan"),
             "bypass_rate": float((reached & accepted).mean()),
             "n_clean": int(len(clean_scores)),
@@ -132,10 +142,6 @@ def attack_metrics(net: AegisNet, x: Tensor, labels: np.ndarray, cushion, thresh
 
 
 def main(argv: list[str] | None = None) -> int:
-    from models.bundle import load_bundle
-    from models.networks import load_aegis
-    from training.data import CLASSES, load_images, load_records
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, default=None, help="bundle folder (default: the embedded one)")
     parser.add_argument("--data-dir", type=Path, help="dataset folder (default: the bundle's training data path)")
@@ -152,19 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     bundle = load_bundle(args.bundle)
     m = bundle.manifest
     dataset = m.data.get("dataset", "kermany")
-    if args.data_dir is not None:
-        data_dir = args.data_dir
-    else:
-        from training.config import TrainConfig
-
-        data_dir = TrainConfig(dataset=dataset).resolved_data_dir
-    records = [r for r in load_records(dataset, data_dir) if r.split == "test"]
+    records = [r for r in load_records(dataset, dataset_dir(dataset, args.data_dir)) if r.split == "test"]
     if tuple(CLASSES[dataset]) != tuple(m.classes):
         raise SystemExit(f"bundle classes {m.classes} do not match dataset {dataset} classes {CLASSES[dataset]}")
-    x = torch.from_numpy(load_images(records, m.input)).permute(0, 3, 1, 2).float() / 255
-    labels = np.array([r.label for r in records])
+    test = load_split(records, m.input)
+    x, labels = test.tensor(), test.labels
     net = load_aegis(bundle)
-    thresholds = np.array([m.thresholds[c] for c in m.classes])
+    thresholds = m.threshold_array()
     specs = attack_suite(torch.from_numpy(thresholds).float(), steps=args.steps)
     if args.attacks != "all":
         wanted = set(args.attacks.split(","))
@@ -176,15 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(text + "\n")
     if args.write:
-        from models.bundle import CARD_FILE, write_manifest
-        from training.export import model_card
-
         command = shlex.join(["python", "-m", "training.evaluate", *(sys.argv[1:] if argv is None else argv)])
         metrics = {**m.metrics, **report, "evaluation_command": command}
-        manifest = m.model_copy(update={"metrics": metrics})
-        (bundle.root / CARD_FILE).write_text(model_card(manifest, metrics, metrics.get("command", "")),
-                                             encoding="utf-8")
-        write_manifest(bundle.root, manifest)
+        card = model_card(m.model_copy(update={"metrics": metrics}), metrics, metrics.get("command", ""))
+        update_bundle(bundle, card=card, metrics=metrics)
     return 0
 
 

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-
 from fastapi import APIRouter, Request
 from starlette.datastructures import UploadFile
 
+from service import diagnosis
 from service.api.deps import ApiKeyDep, ReadyStateDep
 from service.api.schemas import DiagnoseResponse, ErrorResponse, InputInfo, ModelRef
-from service.decode import DecodedImage, check_media_type, decode_image
-from service.errors import EmptyBody, MissingFile, PayloadTooLarge
-from service.pipeline import DefensePipeline
+from service.decode import DecodedImage, check_media_type
+from service.errors import MissingFile, PayloadTooLarge
+from service.pipeline import Verdict
+from service.state import ServiceState
 
 router = APIRouter(tags=["diagnose"])
 
@@ -60,47 +59,20 @@ async def read_image(request: Request, max_bytes: int) -> tuple[bytes, str | Non
     return await request.body(), content_type
 
 
-def _decode_and_prepare(pipeline: DefensePipeline, data: bytes, media_type: str | None, max_pixels: int):
-    t0 = time.perf_counter()
-    decoded = decode_image(data, media_type, max_pixels)
-    decode_seconds = time.perf_counter() - t0
-    row, timings = pipeline.preprocess(decoded.image)
-    return decoded, row, {"decode": decode_seconds, **timings}
-
-
 @router.post("/diagnose", response_model=DiagnoseResponse, responses=ERRORS, openapi_extra=OPENAPI_BODY,
              summary="Diagnose one image with the Cushion + Shield defence (alias of /v1/diagnose)")
 @router.post("/v1/diagnose", response_model=DiagnoseResponse, responses=ERRORS, openapi_extra=OPENAPI_BODY,
              summary="Diagnose one image with the Cushion + Shield defence")
 async def diagnose(request: Request, state: ReadyStateDep, _auth: ApiKeyDep) -> DiagnoseResponse:
-    settings, metrics, pipeline = state.settings, state.metrics, state.pipeline
-    assert pipeline is not None and state.batcher is not None
-    metrics.inflight.inc()
-    try:
-        started = time.perf_counter()
-        with state.batcher.incoming():
-            data, media_type = await read_image(request, settings.max_upload_bytes)
-            if not data:
-                raise EmptyBody("the request carries no image (empty body or empty file)")
-            decoded, row, timings = await asyncio.get_running_loop().run_in_executor(
-                state.preprocess_pool, _decode_and_prepare, pipeline, data, media_type, settings.max_pixels)
-        remaining = settings.request_timeout_seconds - (time.perf_counter() - started)
-        result = await state.batcher.submit(row, timeout=remaining)
-        timings.update(queue=result.queue_seconds, inference=result.inference_seconds)
-        timings["total"] = time.perf_counter() - started
-        verdict = pipeline.decide(result.logits, result.shield_logits, timings)
-    finally:
-        metrics.inflight.dec()
-    metrics.diagnoses.labels(diagnosis=verdict.diagnosis, decision=verdict.decision).inc()
-    metrics.shield_logit.labels(predicted_class=verdict.diagnosis).observe(verdict.shield_logit)
-    metrics.observe_stages(timings)
+    result = await diagnosis.diagnose(state, lambda: read_image(request, state.settings.max_upload_bytes))
+    verdict, decoded = result.verdict, result.decoded
     request.state.log.update(format=decoded.format, width=decoded.width, height=decoded.height,
                              diagnosis=verdict.diagnosis, decision=verdict.decision,
                              shield_logit=round(verdict.shield_logit, 4), batch_size=result.batch_size)
     return _response(request, state, decoded, verdict)
 
 
-def _response(request: Request, state, decoded: DecodedImage, verdict) -> DiagnoseResponse:
+def _response(request: Request, state: ServiceState, decoded: DecodedImage, verdict: Verdict) -> DiagnoseResponse:
     manifest = state.bundle.manifest
     return DiagnoseResponse(
         request_id=request.state.request_id,

@@ -67,7 +67,7 @@ def test_default_bundle_pgd_figure_in_its_manifest_is_reproducible(bundle, test_
     """PGD-20 that ignores the Shield, re-run on other test images: the share of successful attacks the Shield
     rejects agrees with the manifest's figure (measured on 150 images) within sampling noise."""
     from training.attacks import Objective, PGDConfig, pgd
-    from training.evaluate import predict
+    from training.inference import predict
 
     _, labels, x_uint8 = test_split
     net = load_aegis(bundle)

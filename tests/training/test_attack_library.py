@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from models.cushion import JpegCushion
 from training.attacks import (ATTACKS, DiffJpeg, DiverseInput, GaussianSmoothing, HFCObjective, Objective, PGDConfig,
-                              Pipeline, RandomTranslate, build_attack, eps_sweep, exact_cushion, fit_hfc_mixtures,
+                              CushionedModel, RandomTranslate, build_attack, eps_sweep, exact_cushion, fit_hfc_mixtures,
                               gaussian_kernel, judge, nearest_guides, pgd, quantise, through_cushion)
 from training.attacks.engine import _gradient
 from training.evaluate import attack_suite
@@ -137,7 +137,7 @@ def test_eot_averages_the_gradient_over_random_draws(small_net, images):
     random-quality surrogate really is random."""
     x, target = images[0][:4], images[1][:4]
     surrogate, transform = DiffJpeg((70.0, 90.0)), RandomTranslate(2)
-    pipeline = Pipeline(small_net.classifier, JpegCushion(), surrogate)
+    pipeline = CushionedModel(small_net.classifier, JpegCushion(), surrogate)
     config = PGDConfig(eps=LINF, steps=1, eot_samples=3, transform=transform)
     torch.manual_seed(0)
     grad, *_ = _gradient(pipeline, x, target, Objective(), config)
@@ -177,7 +177,7 @@ def test_fea_moves_the_tapped_features_towards_the_guide(small_net, images, guid
 
     def distance(images):
         with torch.no_grad():
-            _, _, features = Pipeline(small_net, cushion)(images, taps)
+            _, _, features = CushionedModel(small_net, cushion)(images, taps)
         return sum(((f - g) ** 2).flatten(1).mean(1) for f, g in zip(features, guides))
 
     torch.manual_seed(0)
@@ -194,7 +194,7 @@ def test_hfc_pulls_the_pooled_features_into_the_target_mixture(small_net, images
 
     def hfc_loss(images):
         with torch.no_grad():
-            logits, shields, features = Pipeline(small_net, cushion)(images, layers)
+            logits, shields, features = CushionedModel(small_net, cushion)(images, layers)
         return constraint.losses(logits, shields, target, features)[1]
 
     torch.manual_seed(0)
@@ -249,3 +249,18 @@ def test_acceptance_suite_keeps_its_names_and_settings():
     assert [s.name for s in specs] == ["pgd20", "wb100", "wbd100", "spgd100"]
     assert all(s.eps == LINF and s.norm == "linf" for s in specs)
     assert [s.steps for s in specs] == [20, 100, 100, 100]
+
+
+@pytest.mark.parametrize("field, value", [("norm", "Linf"), ("direction", "selectiv"), ("optimiser", "adam")])
+def test_pgd_config_refuses_a_value_outside_its_choices(field, value):
+    with pytest.raises(ValueError, match=f"PGDConfig.{field} must be one of"):
+        PGDConfig(eps=16 / 256, steps=1, **{field: value})
+
+
+def test_report_keys_have_readable_names():
+    from training.attacks import long_name
+
+    assert long_name("wb100@4") == f"{ATTACKS['wb'].summary}; 100 steps; ε 4/256"
+    assert long_name("wb_n1100").startswith(ATTACKS["wb_n1"].summary)  # not "wb_n" with 1100 steps
+    assert long_name("tf10") == f"{ATTACKS['transfer_vgg16'].summary}; 10 steps"
+    assert long_name("pgd20").startswith("PGD-L∞")

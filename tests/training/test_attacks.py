@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from models.cushion import JpegCushion, NoCushion
-from training.attacks import (CWObjective, Objective, PGDConfig, Pipeline, ShieldOnlyObjective, WhiteBoxObjective,
+from training.attacks import (CWObjective, Objective, PGDConfig, CushionedModel, ShieldOnlyObjective, WhiteBoxObjective,
                               cw_margin, pgd, target_shield, through_cushion)
 from training.attacks.engine import _orthogonal
 
@@ -164,7 +164,7 @@ def test_attack_restores_each_module_mode(small_net, batch):
     small_net.classifier.eval()
     small_net.shields.train()
     try:
-        pgd(Pipeline(small_net), x[:2], target[:2], Objective(), PGDConfig(eps=EPS, steps=1))
+        pgd(CushionedModel(small_net), x[:2], target[:2], Objective(), PGDConfig(eps=EPS, steps=1))
         assert not small_net.classifier.training and small_net.shields.training
     finally:
         small_net.eval()

@@ -40,7 +40,7 @@ def test_resume_continues_after_the_last_epoch(tiny_run, tmp_path, kermany_dir):
 
 
 def test_shields_from_starts_at_another_runs_trained_shields(tiny_run, tmp_path, kermany_dir):
-    from training.train import load_checkpoint
+    from training.runs import load_checkpoint
 
     out = tmp_path / "further"
     # lr 0: the Shields cannot move, so the result must hold exactly the source run's classifier and Shields
@@ -114,9 +114,11 @@ def test_briefly_trained_shield_separates_clean_from_attacked(small_net, xray_da
 
     from models.cushion import JpegCushion
     from training.attacks import Objective, PGDConfig, pgd
-    from training.evaluate import predict, routed_scores
-    from training.metrics import auroc
-    from training.train import Runtime, Split, train_shields
+    from training.data import Split
+    from training.distributed import SINGLE_CPU
+    from training.inference import predict
+    from training.metrics import auroc, routed_scores
+    from training.shields import train_shields
 
     x_train, y_train, x_test, y_test = xray_data
     net = copy.deepcopy(small_net)
@@ -124,7 +126,7 @@ def test_briefly_trained_shield_separates_clean_from_attacked(small_net, xray_da
     cfg = TrainConfig(shield_epochs=5, curriculum_epochs=2, eps_start=8 / 256, shield_batch_size=64,
                       attack_steps=3, shield_lr=3e-3)
     history = {"classifier": [], "shield": []}
-    train_shields(cfg, net, {"train": to_split(x_train, y_train)}, JpegCushion(), Runtime(0, 1, torch.device("cpu")),
+    train_shields(cfg, net, {"train": to_split(x_train, y_train)}, JpegCushion(), SINGLE_CPU,
                   tmp_path, None, history)
     net.eval()
     cushion = JpegCushion()
@@ -142,7 +144,7 @@ def test_briefly_trained_shield_separates_clean_from_attacked(small_net, xray_da
 
 
 def test_adversarial_batch_replaces_its_share_with_in_budget_images_the_classifier_gets_wrong(small_net, xray_data):
-    from training.train import adversarial_batch
+    from training.classifier import adversarial_batch
 
     x, y = xray_data[0][:16], xray_data[1][:16]
     cfg = TrainConfig(clf_adv_eps=16 / 256, clf_adv_steps=5, clf_adv_fraction=0.5)
@@ -159,7 +161,7 @@ def test_adversarial_batch_replaces_its_share_with_in_budget_images_the_classifi
 
 
 def test_a_run_folder_gives_back_its_trained_classifier(tiny_run):
-    from training.train import load_checkpoint, load_trained_classifier
+    from training.runs import load_checkpoint, load_trained_classifier
 
     classifier = load_trained_classifier(tiny_run)
     saved = load_checkpoint(tiny_run)["model"]
@@ -172,7 +174,7 @@ def test_a_run_folder_gives_back_its_trained_classifier(tiny_run):
 def test_a_run_whose_classifier_is_unfinished_is_refused(tiny_run, tmp_path):
     import shutil
 
-    from training.train import load_finished_classifier
+    from training.runs import load_finished_classifier
 
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
@@ -188,7 +190,7 @@ def test_a_run_whose_classifier_is_unfinished_is_refused(tiny_run, tmp_path):
 
 def test_the_shield_training_attacker_objective_is_chosen_by_config():
     from training.attacks import Objective, RejectClassObjective, ShieldOnlyObjective, WhiteBoxObjective
-    from training.train import training_objectives
+    from training.shields import training_objectives
 
     [wb] = training_objectives(TrainConfig(), 2)
     assert isinstance(wb, WhiteBoxObjective)
@@ -206,11 +208,13 @@ def _training_attacker_calls(small_net, xray_data, tmp_path, monkeypatch, cfg, r
     for every call of the training attacker; each attack must stay inside its budget."""
     import copy
 
-    import training.train as train_module
+    import training.shields as shields_module
     from models.cushion import parse_cushion
-    from training.train import Runtime, Split, train_shields
+    from training.data import Split
+    from training.distributed import SINGLE_CPU
+    from training.shields import train_shields
 
-    seen, real_pgd = [], train_module.pgd
+    seen, real_pgd = [], shields_module.pgd
 
     def recording_pgd(net, x, target, objective, config, surrogate=None, **kwargs):
         seen.append(record(objective, config, surrogate))
@@ -218,11 +222,11 @@ def _training_attacker_calls(small_net, xray_data, tmp_path, monkeypatch, cfg, r
         assert (result.x_adv - x).abs().max() <= config.eps + 1e-6
         return result
 
-    monkeypatch.setattr(train_module, "pgd", recording_pgd)
+    monkeypatch.setattr(shields_module, "pgd", recording_pgd)
     x, y = xray_data[0][:128], xray_data[1][:128]
     split = Split((x.permute(0, 2, 3, 1) * 255).round().byte().numpy(), y.numpy())
     train_shields(cfg, copy.deepcopy(small_net), {"train": split}, parse_cushion(cfg.cushion),
-                  Runtime(0, 1, torch.device("cpu")), tmp_path, None, {"classifier": [], "shield": []})
+                  SINGLE_CPU, tmp_path, None, {"classifier": [], "shield": []})
     return seen
 
 
@@ -269,3 +273,16 @@ def test_smoothed_training_attacker_covers_every_combination_with_the_bpda_backw
     assert seen == [(False, False, False), (True, False, False), (False, True, True), (True, True, True)]
     with pytest.raises(ValueError, match="attack_smoothing"):
         TrainConfig(attack_smoothing="always")
+
+
+@pytest.mark.parametrize("field, value", [("attack_direction", "Sum"), ("attack_bpda", "jpeg"),
+                                          ("attack_smoothing", "yes"), ("dataset", "chexpert")])
+def test_train_config_refuses_a_value_outside_its_choices(field, value):
+    with pytest.raises(ValueError, match=f"TrainConfig.{field} must be one of"):
+        TrainConfig(**{field: value})
+
+
+def test_train_config_refuses_an_unknown_attack_objective():
+    with pytest.raises(ValueError, match="attack_objective must be one of"):
+        TrainConfig(attack_objective="n1+cw")
+    assert TrainConfig(attack_objective="n1+ce").attack_objective == "n1+ce"

@@ -12,18 +12,18 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from models.cushion import NoCushion
+from models.cushion import CushionBase, NoCushion
 
 Surrogate = Callable[[Tensor], Tensor]
 
 
-def exact_cushion(x: Tensor, cushion) -> Tensor:
+def exact_cushion(x: Tensor, cushion: CushionBase) -> Tensor:
     """The Cushion on a float batch in [0, 1] (rounded to uint8 first), as a tensor without gradient."""
     out = cushion.apply_batch(x.detach().cpu().numpy())
     return torch.from_numpy(out).to(device=x.device, dtype=x.dtype)
 
 
-def through_cushion(x: Tensor, cushion=None, surrogate: Surrogate | None = None) -> Tensor:
+def through_cushion(x: Tensor, cushion: CushionBase | None = None, surrogate: Surrogate | None = None) -> Tensor:
     """Straight-through composition: value = Cushion(x) exactly; gradient = identity or d surrogate(x) / dx."""
     cushion = cushion if cushion is not None else NoCushion()
     exact = exact_cushion(x, cushion)

@@ -17,17 +17,17 @@ import torch
 from torch import Tensor, nn
 
 from training.attacks.bpda import Surrogate
-from training.attacks.engine import AttackResult, Pipeline, _project, judge, quantise
+from training.attacks.engine import AttackResult, CushionedModel, _project, judge, quantise
 from training.attacks.objectives import CWObjective, Objective
 
 
-def cw_l2(model: nn.Module | Pipeline, x: Tensor, target: Tensor, objective: Objective | None = None,
+def cw_l2(model: nn.Module | CushionedModel, x: Tensor, target: Tensor, objective: Objective | None = None,
           cushion=None, surrogate: Surrogate | None = None, eps: float | None = None, search_steps: int = 9,
           max_iterations: int = 1000, learning_rate: float = 1e-2, initial_const: float = 1e-3,
           abort_early: bool = True) -> AttackResult:
     """Targeted CW-L2 on a batch. Defaults are the original's except 1 000 iterations (it uses 10 000)."""
     objective = objective if objective is not None else CWObjective(kappa=0.0)
-    pipeline = model if isinstance(model, Pipeline) else Pipeline(model, cushion, surrogate)
+    pipeline = model if isinstance(model, CushionedModel) else CushionedModel(model, cushion, surrogate)
     modes = {module: module.training for module in pipeline.modules()}
     pipeline.eval()
     x0, n = x.detach(), x.shape[0]

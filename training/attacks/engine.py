@@ -12,16 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from models.cushion import NoCushion
+from models.cushion import CushionBase, NoCushion
 from training.attacks.bpda import Surrogate, through_cushion
 from training.attacks.objectives import Objective
+from training.options import Direction, Norm, Optimiser, check_literals
 
-Direction = Literal["sum", "selective", "orthogonal"]
 Transform = Callable[[Tensor], Tensor]
 
 
@@ -51,19 +50,20 @@ class PGDConfig:
     eps: float
     steps: int
     step_size: float | None = None
-    norm: Literal["linf", "l2"] = "linf"
+    norm: Norm = "linf"
     random_start: bool = True
     restarts: int = 1
     decay_steps: tuple[int, ...] = ()
     decay_factor: float = 0.1
     momentum: float = 0.0
     direction: Direction = "sum"
-    optimiser: Literal["pgd", "apgd"] = "pgd"
+    optimiser: Optimiser = "pgd"
     transform: Transform | None = None
     gradient_filter: Transform | None = None
     eot_samples: int = 1
 
     def __post_init__(self):
+        check_literals(self)
         if not self.eps > 0:
             raise ValueError(f"eps must be > 0, got {self.eps}")
         if self.steps < 1 or self.restarts < 1 or self.eot_samples < 1:
@@ -85,14 +85,14 @@ class AttackResult:
     losses: list[float] = field(default_factory=list)  # mean total loss per step (first restart), for sanity checks
 
 
-class Pipeline(nn.Module):
+class CushionedModel(nn.Module):
     """The attacked pipeline: exact Cushion forward (BPDA backward) then a model returning logits [, shield logits].
 
     `forward(x, layers)` returns (logits, shield logits or None, features at the 1-indexed classifier `layers`), all
     from one pass; the model is an `AegisNet`, a `TappedClassifier` or (without layers) any logits model.
     """
 
-    def __init__(self, model: nn.Module, cushion=None, surrogate: Surrogate | None = None):
+    def __init__(self, model: nn.Module, cushion: CushionBase | None = None, surrogate: Surrogate | None = None):
         super().__init__()
         self.model, self.cushion, self.surrogate = model, cushion or NoCushion(), surrogate
 
@@ -110,10 +110,10 @@ class Pipeline(nn.Module):
 
 
 @torch.no_grad()
-def judge(model: nn.Module | Pipeline, x: Tensor, target: Tensor, objective: Objective, cushion=None
-          ) -> tuple[Tensor, Tensor]:
+def judge(model: nn.Module | CushionedModel, x: Tensor, target: Tensor, objective: Objective,
+          cushion: CushionBase | None = None) -> tuple[Tensor, Tensor]:
     """(success, label reached) of `x` through the exact Cushion: the verdict every attack reports."""
-    pipeline = model if isinstance(model, Pipeline) else Pipeline(model, cushion)
+    pipeline = model if isinstance(model, CushionedModel) else CushionedModel(model, cushion)
     logits, shield_logits, _ = pipeline(x)
     return objective.success(logits, shield_logits, target), logits.argmax(1) == target
 
@@ -199,13 +199,13 @@ def _rank(success: Tensor, reached: Tensor, loss: Tensor) -> Tensor:
     return success.double() * 1e9 + reached.double() * 1e6 - loss.double().clamp(-1e5, 1e5)
 
 
-def _losses(pipeline: Pipeline, x: Tensor, target: Tensor, objective: Objective):
+def _losses(pipeline: CushionedModel, x: Tensor, target: Tensor, objective: Objective):
     logits, shield_logits, features = pipeline(x, objective.layers)
     label_loss, detector_loss = objective.losses(logits, shield_logits, target, features)
     return logits, shield_logits, label_loss, detector_loss
 
 
-def _gradient(pipeline: Pipeline, x: Tensor, target: Tensor, objective: Objective, config: PGDConfig):
+def _gradient(pipeline: CushionedModel, x: Tensor, target: Tensor, objective: Objective, config: PGDConfig):
     """The step direction at x (before sign / normalisation) and the verdict on x itself.
 
     Label and detector gradients are averaged over `eot_samples` draws (of the transform and of a stochastic
@@ -315,10 +315,10 @@ class _APGDStep:
         return x_next
 
 
-def pgd(model: nn.Module | Pipeline, x: Tensor, target: Tensor, objective: Objective, config: PGDConfig,
+def pgd(model: nn.Module | CushionedModel, x: Tensor, target: Tensor, objective: Objective, config: PGDConfig,
         cushion=None, surrogate: Surrogate | None = None) -> AttackResult:
     """Run the configured attack on a batch `x` (N x C x H x W in [0, 1]) towards `target` (N,)."""
-    pipeline = model if isinstance(model, Pipeline) else Pipeline(model, cushion, surrogate)
+    pipeline = model if isinstance(model, CushionedModel) else CushionedModel(model, cushion, surrogate)
     modes = {module: module.training for module in pipeline.modules()}
     pipeline.eval()
     x0 = x.detach()

@@ -6,12 +6,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from training.attacks.engine import Pipeline
+from models.cushion import CushionBase
+from training.attacks.engine import CushionedModel
 from training.attacks.objectives import GaussianMixture, Objective
 
 
 @torch.no_grad()
-def _features(pipeline: Pipeline, x: Tensor, layers: tuple[int, ...], batch: int = 128):
+def _features(pipeline: CushionedModel, x: Tensor, layers: tuple[int, ...], batch: int = 128):
     """(logits, shield logits, features per layer) of `x` through the exact Cushion, in batches."""
     outs = [pipeline(x[i:i + batch], layers) for i in range(0, len(x), batch)]
     logits = torch.cat([o[0] for o in outs])
@@ -24,7 +25,7 @@ def nearest_guides(model: nn.Module, x: Tensor, target: Tensor, pool_x: Tensor, 
     """Per attacked image, the features at `layers` of its nearest guide: a pool image of the target class that the
     pipeline classifies as that class (and, with thresholds in `objective`, accepts), nearest in the same per-layer
     mean squared distance the Fea objective minimises."""
-    pipeline = Pipeline(model, cushion)
+    pipeline = CushionedModel(model, cushion)
     judge = objective if objective is not None else Objective()
     logits, shields, pool_features = _features(pipeline, pool_x, layers)
     eligible = judge.success(logits, shields, pool_y) & (pool_y == logits.argmax(1))
@@ -38,7 +39,7 @@ def nearest_guides(model: nn.Module, x: Tensor, target: Tensor, pool_x: Tensor, 
     return tuple(p[chosen] for p in pool_features)
 
 
-def fit_hfc_mixtures(model: nn.Module, x: Tensor, y: Tensor, cushion=None, layers: tuple[int, ...] | None = None,
+def fit_hfc_mixtures(model: nn.Module, x: Tensor, y: Tensor, cushion: CushionBase | None = None, layers: tuple[int, ...] | None = None,
                      n_components: int = 1, reg_covar: float = 1e-3, max_channels: int = 512, seed: int = 0
                      ) -> tuple[tuple[int, ...], tuple[tuple[GaussianMixture, ...], ...]]:
     """Fit HFC's per-class, per-layer mixtures on spatially averaged features of Cushioned training images.
@@ -52,7 +53,7 @@ def fit_hfc_mixtures(model: nn.Module, x: Tensor, y: Tensor, cushion=None, layer
     from sklearn.mixture import BayesianGaussianMixture  # lazy: only HFC needs sklearn's mixtures
 
     classifier = getattr(model, "classifier", model)
-    pipeline = Pipeline(classifier, cushion)
+    pipeline = CushionedModel(classifier, cushion)
     candidates = tuple(classifier.layers) if layers is None else tuple(layers)
     _, _, probe = _features(pipeline, x[:1], candidates)
     chosen = tuple(layer for layer, f in zip(candidates, probe) if f.shape[1] <= max_channels)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
+from models.cushion import CushionBase
 from training.attacks.cw_l2 import cw_l2
 from training.attacks.engine import AttackResult, PGDConfig, judge, pgd
 from training.attacks.feature_attacks import fit_hfc_mixtures, nearest_guides
@@ -35,7 +36,7 @@ Run = Callable[..., AttackResult]
 
 @dataclass(frozen=True)
 class AttackSpec:
-    """A named, fully configured attack: `spec(net, x, target, cushion=None) -> AttackResult`."""
+    """A named, fully configured attack: `spec(net, x, target, cushion: CushionBase | None = None) -> AttackResult`."""
 
     name: str
     description: str
@@ -44,20 +45,20 @@ class AttackSpec:
     norm: str
     steps: int
 
-    def __call__(self, net: nn.Module, x: Tensor, target: Tensor, cushion=None) -> AttackResult:
+    def __call__(self, net: nn.Module, x: Tensor, target: Tensor, cushion: CushionBase | None = None) -> AttackResult:
         return self.run(net, x, target, cushion)
 
 
 def _engine_spec(name: str, description: str, objective: Objective, config: PGDConfig,
                  surrogate_for: Callable | None = None) -> AttackSpec:
-    def run(net, x, target, cushion=None):
+    def run(net, x, target, cushion: CushionBase | None = None):
         surrogate = surrogate_for(cushion) if surrogate_for is not None else None
         return pgd(net, x, target, objective, config, cushion=cushion, surrogate=surrogate)
 
     return AttackSpec(name, description, run, config.eps, config.norm, config.steps)
 
 
-def jpeg_quality(cushion) -> float:
+def jpeg_quality(cushion: CushionBase) -> float:
     """The quality of a JPEG Cushion, for a differentiable-JPEG surrogate; other Cushions are refused."""
     quality = getattr(cushion, "quality", None)
     if quality is None:
@@ -127,7 +128,7 @@ def _cw_l2(eps, steps, thresholds, kappa=0.0, search_steps=9):
     bound = "unbounded" if eps is None else f"candidates projected into L2 eps={eps * 256:g}/256"
     objective = CWObjective(kappa=kappa)
 
-    def run(net, x, target, cushion=None):
+    def run(net, x, target, cushion: CushionBase | None = None):
         return cw_l2(net, x, target, objective, cushion=cushion, eps=eps, search_steps=search_steps,
                      max_iterations=steps)
 
@@ -150,7 +151,7 @@ def _transfer(eps, steps, thresholds, substitute: nn.Module | None = None):
                                                momentum=1.0))
     backbone = getattr(substitute, "backbone_name", type(substitute).__name__)
 
-    def run(net, x, target, cushion=None):
+    def run(net, x, target, cushion: CushionBase | None = None):
         # Crafted on the undefended substitute (no Cushion, no Shield), then judged on the defended target.
         crafted = pgd(substitute, x, target, Objective(), config)
         objective = Objective(thresholds=thresholds)
@@ -215,7 +216,7 @@ def _wb_diffjpeg(eps, steps, thresholds, kappa=10.0, restarts=1):
 
 
 def _wb_eot(eps, steps, thresholds, kappa=10.0, restarts=1, eot_samples=10, quality_spread=10.0, shift=2):
-    def surrogate(cushion):
+    def surrogate(cushion: CushionBase):
         q = jpeg_quality(cushion)
         return DiffJpeg((max(q - quality_spread, 1.0), min(q + quality_spread, 100.0)))
 
@@ -234,7 +235,7 @@ def _fea(label_weight: float):
         config = _wb_config(eps, steps, restarts)
         judged = Objective(thresholds=thresholds)
 
-        def run(net, x, target, cushion=None):
+        def run(net, x, target, cushion: CushionBase | None = None):
             taps = tuple(layers) if layers is not None else tuple(getattr(net, "classifier", net).taps)
             guides = nearest_guides(net, x, target, *guide_pool, taps, cushion, judged)
             objective = FeatureObjective(thresholds=thresholds, kappa=kappa, feature_layers=taps, guides=guides,
@@ -256,7 +257,7 @@ def _hfc(use_cw: bool):
         config = _wb_config(eps, steps, restarts)
         fitted: dict = {}
 
-        def run(net, x, target, cushion=None):
+        def run(net, x, target, cushion: CushionBase | None = None):
             key = (id(net), id(cushion))
             if mixtures is None and key not in fitted:  # fitted once per model and Cushion, on Cushioned features
                 fitted[key] = fit_hfc_mixtures(net, *guide_pool, cushion=cushion, n_components=n_components)
@@ -308,6 +309,26 @@ ATTACKS: dict[str, _Entry] = {
 }
 
 
+# Short names the audit and its reports use for library attacks.
+ALIASES = {"pgd": "pgd_linf", "cw": "cw_linf", "tf": "transfer_vgg16"}
+_READABLE_EXTRA = {"torchattacks_pgd": "torchattacks' PGD on the (N+1)-class wrapper (cross-check)"}
+
+
+def long_name(key: str) -> str:
+    """A readable name for a report key: `wb100@4` -> "white-box -S^t + J_cw, BPDA identity (paper); 100 steps;
+    ε 4/256"; keys stay short in files, every table also shows this."""
+    base, _, eps = key.partition("@")
+    known = {*ATTACKS, *ALIASES, *_READABLE_EXTRA}
+    # the longest known name followed by digits only (`wb_n1100` = wb_n1, 100 steps)
+    splits = ((base[:i], base[i:]) for i in range(len(base), 0, -1))
+    name = next((head for head, tail in splits if head in known and (tail.isdigit() or not tail)),
+                base.rstrip("0123456789"))
+    steps = base[len(name):]
+    entry = ATTACKS.get(ALIASES.get(name, name))
+    what = entry.summary if entry is not None else _READABLE_EXTRA.get(name, name)
+    return "; ".join([what, *([f"{steps} steps"] if steps else []), *([f"ε {eps}/256"] if eps else [])])
+
+
 def build_attack(name: str, eps: float | None = None, steps: int | None = None, thresholds: Tensor | None = None,
                  **options) -> AttackSpec:
     """The attack `name` (a key of `ATTACKS`) at budget `eps` (default: the paper's for its norm) and `steps`.
@@ -326,7 +347,7 @@ def build_attack(name: str, eps: float | None = None, steps: int | None = None, 
     return replace(spec, name=name)
 
 
-def eps_sweep(name: str, eps_values: list[float], net: nn.Module, x: Tensor, target: Tensor, cushion=None,
+def eps_sweep(name: str, eps_values: list[float], net: nn.Module, x: Tensor, target: Tensor, cushion: CushionBase | None = None,
               seed: int = 0, **options) -> list[dict]:
     """Success rate of attack `name` per budget (sanity check: it must rise to ~100% as eps grows)."""
     rows = []

@@ -21,6 +21,15 @@ from pathlib import Path
 
 import torch
 
+from models.bundle import load_bundle
+from models.networks import load_aegis
+from training.audit import tables
+from training.audit.harness import load_audit_data
+from training.audit.outputs import write_result
+from training.audit.report import security_report, summary_line, write_into_bundle
+from training.audit.scales import get_scale
+from training.runs import load_trained_classifier
+
 TABLES = ("table1", "table2", "table3", "table4", "table5")
 
 
@@ -45,14 +54,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from models.bundle import load_bundle
-    from models.networks import load_aegis
-    from training.audit import tables
-    from training.audit.harness import load_audit_data
-    from training.audit.outputs import write_result
-    from training.audit.report import security_report, summary_line, write_into_bundle
-    from training.audit.scales import get_scale
-
     argv = sys.argv[1:] if argv is None else argv
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -67,8 +68,6 @@ def main(argv: list[str] | None = None) -> int:
     ctx = tables.Context(load_aegis(bundle), m, data, scale, args.seed,
                          shlex.join(["python", "-m", "training.audit", *argv]))
     if args.substitute is not None:
-        from training.train import load_trained_classifier
-
         ctx.substitute = load_trained_classifier(args.substitute)
     attacks = args.attacks.split(",") if args.attacks else None
     if args.command == "report":

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from training.attacks.library import ATTACKS, AttackSpec, build_attack
+from models.cushion import CushionBase
+from training.attacks.library import ALIASES, ATTACKS, AttackSpec, build_attack
+from training.audit.crosscheck import torchattacks_pgd
 
-ALIASES = {"pgd": "pgd_linf", "cw": "cw_linf", "tf": "transfer_vgg16"}
 # Attacks that ignore the Shield: run on the classifier alone (same result, a fraction of the compute).
 CONVENTIONAL = {"fgsm", "bim", "pgd_linf", "pgd_l2", "mim", "dim", "tim", "cw_linf", "cw_l2", "apgd_ce",
                 "transfer_vgg16"}
@@ -77,8 +78,6 @@ def make_attack(name: str, *, eps: float, steps: int, thresholds: Tensor | None 
 
 
 def _external(name: str, eps: float, steps: int, thresholds: Tensor | None) -> Attack:
-    from training.audit.crosscheck import torchattacks_pgd
-
     try:
         import torchattacks  # noqa: F401 - a dev dependency, not a training one
     except ImportError:
@@ -94,7 +93,7 @@ def targets_for(labels: Tensor, num_classes: int, seed: int) -> Tensor:
     return (labels + offset) % num_classes
 
 
-def run_attack(net, attack: Attack, x: Tensor, targets: Tensor, cushion, batch: int = 50, seed: int = 0) -> Tensor:
+def run_attack(net, attack: Attack, x: Tensor, targets: Tensor, cushion: CushionBase | None, batch: int = 50, seed: int = 0) -> Tensor:
     """Adversarial images (uint8 levels) for `x`; the classifier alone is attacked unless the attack sees the Shield."""
     model = net if attack.sees_shield else net.classifier
     torch.manual_seed(seed)

@@ -6,7 +6,7 @@ Wagner (AISec 2017, "Adversarial examples are not easily detected") turns the bu
     G(x) = [Z_1, ..., Z_N, Z_rej],   Z_rej = max_j Z_j + (tau_k - S^k),   k = argmax_j Z_j
 
 with Z the classifier's logits and S^k the Shield logit of the predicted class, all behind the Cushion (exact
-forward, identity backward: `training.attacks.engine.Pipeline`). Z_rej is above every class logit exactly when the
+forward, identity backward: `training.attacks.engine.CushionedModel`). Z_rej is above every class logit exactly when the
 Shield rejects (accept iff S^k >= tau_k), so argmax G = t < N means "diagnosed t and accepted". A targeted attack on G
 towards t is therefore an attack on the whole pipeline, computed by someone else's loop and loss. The library's
 `wb_n1` runs the same objective on this project's engine. Its last iterate is rounded
@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from training.attacks.engine import AttackResult, Pipeline, into_budget, judge
+from models.cushion import CushionBase
+from training.attacks.engine import AttackResult, CushionedModel, into_budget, judge
 from training.attacks.library import AttackSpec
 from training.attacks.objectives import WhiteBoxObjective, reject_as_class
 
@@ -26,9 +27,9 @@ from training.attacks.objectives import WhiteBoxObjective, reject_as_class
 class RejectAsClass(nn.Module):
     """The (N+1)-class wrapper as a model: `reject_as_class` on the pipeline's outputs."""
 
-    def __init__(self, net: nn.Module, cushion, thresholds: Tensor):
+    def __init__(self, net: nn.Module, cushion: CushionBase | None, thresholds: Tensor):
         super().__init__()
-        self.pipeline = Pipeline(net, cushion)
+        self.pipeline = CushionedModel(net, cushion)
         self.register_buffer("thresholds", thresholds.detach().float().clone())
 
     def forward(self, x: Tensor) -> Tensor:
@@ -39,8 +40,8 @@ class RejectAsClass(nn.Module):
 def torchattacks_pgd(eps: float, steps: int, thresholds: Tensor) -> AttackSpec:
     """torchattacks' PGD (CE, random start, step 2.5 eps / steps, last iterate), targeted, on `RejectAsClass`."""
 
-    def run(net, x, target, cushion=None) -> AttackResult:
-        import torchattacks
+    def run(net, x, target, cushion: CushionBase | None = None) -> AttackResult:
+        import torchattacks  # local import: an optional dependency (the dev extra)
 
         wrapper = RejectAsClass(net, cushion, thresholds).eval()
         attack = torchattacks.PGD(wrapper, eps=eps, alpha=2.5 * eps / steps, steps=steps, random_start=True)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.cushion import CushionBase
 from training.attacks import exact_cushion
 
 MAX_SIDE = 16
@@ -66,7 +67,7 @@ def mc_dropout_uncertainty(classifier, x: torch.Tensor, passes: int, p: float = 
 
 
 @torch.no_grad()
-def extract(classifier, x: torch.Tensor, cushion=None, bu_passes: int = 0, batch: int = 64,
+def extract(classifier, x: torch.Tensor, cushion: CushionBase | None = None, bu_passes: int = 0, batch: int = 64,
             seed: int = 0) -> Features:
     """Tap features of `x` (through the exact Cushion when given), in eval mode."""
     classifier.eval()

@@ -10,10 +10,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from models.cushion import CushionBase
 from models.imaging import InputSpec
 from training.audit.attacks import Attack, run_attack, targets_for
-from training.audit.stats import detection_summary
-from training.evaluate import predict, routed_scores
+from training.config import dataset_dir
+from training.data import load_records, load_split
+from training.inference import predict
+from training.metrics import detection_summary, routed_scores
 
 log = logging.getLogger("aegis.audit")
 
@@ -32,20 +35,10 @@ class AuditData:
                 "test_images": len(self.y_test)}
 
 
-def resolve_data_dir(dataset: str, data_dir: str | Path | None) -> Path:
-    if data_dir is not None:
-        return Path(data_dir)
-    from training.config import TrainConfig
-
-    return TrainConfig(dataset=dataset).resolved_data_dir
-
-
 def load_audit_data(dataset: str, data_dir: str | Path | None, spec: InputSpec, train_images: int,
                     test_images: int = 0, seed: int = 0) -> AuditData:
     """Seeded subsets of the train split (detector fitting) and the test split (evaluation; 0 = all of it)."""
-    from training.data import load_images, load_records
-
-    root = resolve_data_dir(dataset, data_dir)
+    root = dataset_dir(dataset, data_dir)
     records = load_records(dataset, root)
     rng = np.random.default_rng(seed)
 
@@ -53,8 +46,8 @@ def load_audit_data(dataset: str, data_dir: str | Path | None, spec: InputSpec, 
         chosen = [r for r in records if r.split == split]
         if n:
             chosen = [chosen[i] for i in sorted(rng.permutation(len(chosen))[:n])]
-        x = torch.from_numpy(load_images(chosen, spec)).permute(0, 3, 1, 2).float() / 255
-        return x, np.array([r.label for r in chosen], dtype=np.int64)
+        split = load_split(chosen, spec)
+        return split.tensor(), split.labels
 
     return AuditData(dataset, root, *take("train", train_images), *take("test", test_images))
 
@@ -74,7 +67,7 @@ def correct_subset(pred: np.ndarray, labels: np.ndarray, n: int, seed: int) -> n
     return np.sort(np.random.default_rng(seed).permutation(correct)[:n])
 
 
-def attack_set(net, attack: Attack, x: Tensor, labels: np.ndarray, index: np.ndarray, cushion, batch: int,
+def attack_set(net, attack: Attack, x: Tensor, labels: np.ndarray, index: np.ndarray, cushion: CushionBase, batch: int,
                seed: int) -> AttackedSet:
     targets = targets_for(torch.from_numpy(labels[index]), net.classifier.head[-1].out_features, seed)
     x_adv = run_attack(net, attack, x[index], targets, cushion, batch, seed)
@@ -84,7 +77,7 @@ def attack_set(net, attack: Attack, x: Tensor, labels: np.ndarray, index: np.nda
     return AttackedSet(index, targets.numpy(), x_adv, linf)
 
 
-def shield_row(net, clean_x: Tensor, clean_y: np.ndarray, attacked: AttackedSet, cushion, thresholds: np.ndarray,
+def shield_row(net, clean_x: Tensor, clean_y: np.ndarray, attacked: AttackedSet, cushion: CushionBase, thresholds: np.ndarray,
                n_resamples: int, seed: int, judge_bypass: bool) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
     """Figures of the Shield (with or without Cushion) against one attacked set, and its ROC inputs.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -12,10 +13,12 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt
 import numpy as np
 
-from training.audit.stats import roc
+from training.attacks.library import long_name
+from training.metrics import roc
 
 
-def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str) -> Path | None:
+def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path | io.BytesIO, title: str
+             ) -> Path | io.BytesIO | None:
     """One ROC curve per (clean scores, adversarial scores) pair; pairs with an empty side are skipped."""
     drawable = {k: v for k, v in curves.items() if len(v[0]) and len(v[1])}
     if not drawable:
@@ -52,7 +55,12 @@ def fmt(row: dict, key: str) -> str:
 
 
 def markdown(result: dict, columns: list[tuple[str, str]]) -> str:
-    """`columns`: (row key, header) pairs; rows that did not run show their `status`."""
+    """`columns`: (row key, header) pairs; rows that did not run show their `status`. Next to a short `attack` key
+    the table also shows its readable name (`training.attacks.long_name`)."""
+    if ("attack", "attack") in columns:
+        at = columns.index(("attack", "attack")) + 1
+        columns = columns[:at] + [("what", "what")] + columns[at:]
+        result = {**result, "rows": [{**row, "what": long_name(row["attack"])} for row in result["rows"]]}
     lines = [f"# {result['title']}", ""]
     lines += [f"- scale: `{result['scale']['name']}` — {json.dumps(result['scale'])}",
               f"- data: {json.dumps(result.get('data', {}))}", f"- command: `{result.get('command', '')}`"]
@@ -63,7 +71,7 @@ def markdown(result: dict, columns: list[tuple[str, str]]) -> str:
     lines += ["", "| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
     for row in result["rows"]:
         if row.get("status", "ok") != "ok":
-            cells = [fmt(row, k) if k in ("defence", "detector", "attack", "layers", "cushion", "layer") else "–"
+            cells = [fmt(row, k) if k in ("defence", "detector", "attack", "what", "layers", "cushion", "layer") else "–"
                      for k, _ in columns]
             cells[-1] = row["status"]
         else:
@@ -85,16 +93,25 @@ def _jsonable(value):
     return value
 
 
+def render_result(result: dict, stem: str, columns: list[tuple[str, str]], curves: dict | None = None
+                  ) -> dict[str, bytes]:
+    """{file name: content}: `<stem>.json`, `<stem>.md` and, when curves are given, `<stem>_roc.png`."""
+    files = {}
+    if curves:
+        png = plot_roc(curves, io.BytesIO(), result["title"][:60])
+        if png is not None:
+            result["roc_plot"] = f"{stem}_roc.png"
+            files[result["roc_plot"]] = png.getvalue()
+    return {f"{stem}.json": (json.dumps(_jsonable(result), indent=2) + "\n").encode(),
+            f"{stem}.md": markdown(result, columns).encode(), **files}
+
+
 def write_result(result: dict, out: Path, stem: str, columns: list[tuple[str, str]],
                  curves: dict | None = None) -> list[Path]:
-    """`<stem>.json`, `<stem>.md` and, when curves are given, `<stem>_roc.png` in `out`; returns the paths."""
+    """`render_result`'s files written into the folder `out`; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    if curves:
-        png = plot_roc(curves, out / f"{stem}_roc.png", result["title"][:60])
-        if png is not None:
-            result["roc_plot"] = png.name
-            written.append(png)
-    (out / f"{stem}.json").write_text(json.dumps(_jsonable(result), indent=2) + "\n", encoding="utf-8")
-    (out / f"{stem}.md").write_text(markdown(result, columns), encoding="utf-8")
-    return [out / f"{stem}.json", out / f"{stem}.md", *written]
+    for name, content in render_result(result, stem, columns, curves).items():
+        (out / name).write_bytes(content)
+        written.append(out / name)
+    return written

@@ -11,11 +11,16 @@ import logging
 
 import torch
 
+from models.bundle import Bundle
+from training.attacks.library import long_name
 from training.audit.attacks import Attack, describe, make_attack
 from training.audit.checks import Trial
 from training.audit.harness import attack_set, correct_subset, shield_row
+from training.audit.outputs import render_result
 from training.audit.tables import Context
-from training.evaluate import attack_suite, clean_metrics, predict
+from training.evaluate import attack_suite, clean_metrics
+from training.export import update_bundle
+from training.inference import predict
 
 log = logging.getLogger("aegis.audit")
 REPORT_KEYS = {"security_report": "security_report.json", "security_report_md": "security_report.md"}
@@ -91,8 +96,8 @@ def card_section(result: dict) -> str:
     """The model card's security section, generated from the report, so that card and report cannot disagree."""
     rows = [r for r in result["rows"] if r.get("status") == "ok" and r.get("eps") == 16 / 256]
     rows.sort(key=lambda r: -r["bypass_rate"])
-    table = "\n".join(f"| {r['attack']} | {r['attempted']} | {r['bypass_rate']:.3f} | {r['sr_at_5fpr']:.3f} | "
-                      f"{r['auroc']:.3f} |" for r in rows)
+    table = "\n".join(f"| {r['attack']} | {long_name(r['attack'])} | {r['attempted']} | {r['bypass_rate']:.3f} | "
+                      f"{r['sr_at_5fpr']:.3f} | {r['auroc']:.3f} |" for r in rows)
     flags = "".join(f"\n- `{f['flag']}`: {f['message']}" for f in result["sanity_flags"]) or " none."
     strongest = rows[0] if rows else None
     verdict = ("" if strongest is None else
@@ -104,8 +109,8 @@ def card_section(result: dict) -> str:
 each attack is. Scale: {result['scale']['eval_images']} correctly classified test images per attack; command:
 `{result['command']}`.
 
-| attack (16/256) | attempted | bypass@τ | SR@5%FPR | AUROC |
-|---|---|---|---|---|
+| attack (16/256) | what | attempted | bypass@τ | SR@5%FPR | AUROC |
+|---|---|---|---|---|---|
 {table}
 
 Sanity flags:{flags}
@@ -120,19 +125,14 @@ def _with_card_section(card: str, section: str) -> str:
     return card.rstrip("\n") + "\n\n" + section
 
 
-def write_into_bundle(bundle, result: dict) -> list:
+def write_into_bundle(bundle: Bundle, result: dict) -> list:
     """Write the report files into the bundle folder, its summary into the model card, and re-write the manifest
-    (reports + every file's hash)."""
-    from models.bundle import CARD_FILE, write_manifest
-    from training.audit.outputs import write_result
-
+    (reports + every file's hash); returns the report files' paths."""
     curves = result.pop("_curves", None)
-    written = write_result(result, bundle.root, "security_report", REPORT_COLUMNS, curves)
-    card = bundle.root / CARD_FILE
-    card.write_text(_with_card_section(card.read_text(encoding="utf-8"), card_section(result)), encoding="utf-8")
-    manifest = bundle.manifest.model_copy(update={"reports": {**bundle.manifest.reports, **REPORT_KEYS}})
-    write_manifest(bundle.root, manifest)
-    return written
+    files = render_result(result, "security_report", REPORT_COLUMNS, curves)
+    update_bundle(bundle, files=files, card=_with_card_section(bundle.model_card(), card_section(result)),
+                  reports=REPORT_KEYS)
+    return [bundle.root / name for name in files]
 
 
 def summary_line(result: dict) -> str:

@@ -14,17 +14,23 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.cushion import NoCushion, parse_cushion
-from models.networks import AegisNet
-from training.attacks import Objective, PGDConfig, pgd
+from models.bundle import threshold_array
+from models.cushion import CushionBase, NoCushion, parse_cushion
+from models.networks import AegisNet, build_aegis
+from training.attacks import Objective, PGDConfig, exact_cushion, pgd
 from training.audit.attacks import AttackUnavailable, make_attack
 from training.audit.checks import Trial, announce, sanity_flags
 from training.audit.detectors import make_detector
 from training.audit.features import extract
 from training.audit.harness import AuditData, attack_set, correct_subset, shield_row
 from training.audit.scales import Scale
-from training.audit.stats import detection_summary
-from training.evaluate import predict
+from training.config import load_config
+from training.data import Split
+from training.distributed import SINGLE_CPU
+from training.evaluate import calibrate
+from training.inference import predict
+from training.metrics import detection_summary
+from training.shields import train_shields
 
 log = logging.getLogger("aegis.audit")
 EPS_LINF, EPS_L2 = 16 / 256, 8 / 256  # paper §4.1 (the L2 budget is tiny: `attacks-reference.md` §0.1)
@@ -43,12 +49,12 @@ class Context:
     substitute: torch.nn.Module | None = None  # the transfer attack's undefended source model
 
     @property
-    def cushion(self):
-        return parse_cushion(self.manifest.cushion.model_dump())
+    def cushion(self) -> CushionBase:
+        return self.manifest.cushion
 
     @property
     def thresholds(self) -> np.ndarray:
-        return np.array([self.manifest.thresholds[c] for c in self.manifest.classes])
+        return self.manifest.threshold_array()
 
     @property
     def extras(self) -> dict:
@@ -271,7 +277,6 @@ def table1(ctx: Context, layers: list[int] | None = None, cushions: tuple[str, .
         for spec in cushions:
             cushion = parse_cushion(spec)
             with torch.no_grad():
-                from training.attacks import exact_cushion
                 clean = float(probe(exact_cushion(x, cushion)).mean())
             for direction, sign in (("up", -1.0), ("down", 1.0)):
                 torch.manual_seed(ctx.seed)
@@ -303,11 +308,6 @@ ABLATION_COLUMNS = [("ablation", "ablation"), ("variant", "variant"), ("attack",
 def _retrain_shields(ctx: Context, taps: tuple[int, ...], cushion_spec: dict) -> tuple[AegisNet, np.ndarray]:
     """New Shields on `taps` over the bundle's (frozen) classifier, trained at audit scale; thresholds on held-out
     training images at the bundle's clean rejection rate."""
-    from models.networks import build_aegis
-    from training.config import load_config
-    from training.export import calibrate
-    from training.train import Runtime, Split, train_shields
-
     m = ctx.manifest
     s = ctx.scale
     cfg = load_config(None, {**{k: v for k, v in m.training.items() if k not in ("taps", "cushion")},
@@ -321,13 +321,13 @@ def _retrain_shields(ctx: Context, taps: tuple[int, ...], cushion_spec: dict) ->
     split = Split(images, ctx.data.y_train[:n])
     cushion = parse_cushion(cushion_spec)
     with tempfile.TemporaryDirectory() as tmp:
-        train_shields(cfg, net, {"train": split}, cushion, Runtime(0, 1, torch.device("cpu")), Path(tmp), None,
+        train_shields(cfg, net, {"train": split}, cushion, SINGLE_CPU, Path(tmp), None,
                       {"classifier": [], "shield": []})
     net.eval()
     held = slice(n, None)
     thresholds, _ = calibrate(net, ctx.data.x_train[held], ctx.data.y_train[held], cushion, m.classes,
                               m.calibration.clean_rejection_rate)
-    return net, np.array([thresholds[c] for c in m.classes])
+    return net, threshold_array(thresholds, m.classes)
 
 
 def table5(ctx: Context, attacks: tuple[str, ...] = ("pgd", "cw", "hfc", "wb"),

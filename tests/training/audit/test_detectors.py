@@ -7,7 +7,7 @@ import torch
 from training.attacks import CWObjective, PGDConfig, pgd
 from training.audit.detectors import MahalanobisDetector, make_detector
 from training.audit.features import Features, extract
-from training.audit.stats import auroc
+from training.metrics import auroc
 
 EPS = 32 / 256  # "strongly perturbed": twice the paper budget, so that the test is about the detectors
 

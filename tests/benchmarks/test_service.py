@@ -8,15 +8,15 @@ import os
 
 import pytest
 
-from service.bench import main
+from benchmarks.service import main
 from tests.service.conftest import SAMPLES
 
 ALL_CPUS = os.sched_getaffinity(0)
 
 
-def test_benchmark_in_process_figures_are_produced(bundle_dir, tmp_path, capsys):
+def test_benchmark_in_process_figures_are_produced(tiny_bundle_dir, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["--bundle", str(bundle_dir), "--seconds", "0.05", "--skip-http", "--threads", "1",
+    assert main(["--bundle", str(tiny_bundle_dir), "--seconds", "0.05", "--skip-http", "--threads", "1",
                  "--images", str(SAMPLES[0].parent / "*.png"), "--json", str(out)]) == 0
     figures = json.loads(out.read_text())
     assert set(figures["raw_ort_images_per_second"]) == {"1", "2", "4", "8", "16", "32", "64"}
@@ -27,17 +27,17 @@ def test_benchmark_in_process_figures_are_produced(bundle_dir, tmp_path, capsys)
 
 
 def test_cpu_lists_parse():
-    from service.bench import parse_cpus
+    from benchmarks.service import parse_cpus
 
     assert parse_cpus("0") == {0} and parse_cpus("0,2") == {0, 2} and parse_cpus("1-3,6") == {1, 2, 3, 6}
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs two CPUs")
-def test_pinned_benchmark_keeps_the_server_and_the_client_apart(bundle_dir, tmp_path):
+def test_pinned_benchmark_keeps_the_server_and_the_client_apart(tiny_bundle_dir, tmp_path):
     out = tmp_path / "bench.json"
     server = min(os.sched_getaffinity(0))
     try:
-        assert main(["--bundle", str(bundle_dir), "--seconds", "0.3", "--concurrency", "4",
+        assert main(["--bundle", str(tiny_bundle_dir), "--seconds", "0.3", "--concurrency", "4",
                      "--server-cpus", str(server), "--images", str(SAMPLES[0].parent / "*.png"),
                      "--json", str(out)]) == 0
     finally:
@@ -51,9 +51,9 @@ def test_pinned_benchmark_keeps_the_server_and_the_client_apart(bundle_dir, tmp_
         assert row["server_cores"] <= 1.05  # one CPU's worth at most, /proc accounting
 
 
-def test_replicas_share_the_load_each_with_its_own_client(bundle_dir, tmp_path):
+def test_replicas_share_the_load_each_with_its_own_client(tiny_bundle_dir, tmp_path):
     out = tmp_path / "bench.json"
-    assert main(["--bundle", str(bundle_dir), "--seconds", "0.3", "--concurrency", "3", "--threads", "1",
+    assert main(["--bundle", str(tiny_bundle_dir), "--seconds", "0.3", "--concurrency", "3", "--threads", "1",
                  "--replicas", "2", "--images", str(SAMPLES[0].parent / "*.png"), "--json", str(out)]) == 0
     figures = json.loads(out.read_text())
     assert figures["replicas"] == 2

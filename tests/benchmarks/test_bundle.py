@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from models.bundle import load_bundle
-from training.bench_bundle import main
+from benchmarks.bundle import main
 
 
 def test_benchmark_bundle_loads_runs_and_says_it_is_untrained(tmp_path):

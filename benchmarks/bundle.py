@@ -3,8 +3,8 @@
 Latency depends on the graph, not on the weights, so the serving figures of a paper-scale model (ResNet-50 at
 224 px) can be measured on any machine without its days of training:
 
-    python -m training.bench_bundle --backbone resnet50 --size 224 --out /tmp/bench-resnet50-224
-    python -m service.bench --bundle /tmp/bench-resnet50-224 --device cuda
+    python -m benchmarks.bundle --backbone resnet50 --size 224 --out /tmp/bench-resnet50-224
+    python -m benchmarks.service --bundle /tmp/bench-resnet50-224 --device cuda
 
 The bundle is marked as such everywhere a user could see it: its name starts with `benchmark-`, its version is
 `untrained`, and its model card says it must not be used. Thresholds are 0 (half the images will be rejected,
@@ -19,38 +19,34 @@ from pathlib import Path
 
 import torch
 
-from models.bundle import CARD_FILE, ONNX_FILE, ArchitectureSpec, CalibrationSpec, Manifest, write_manifest
-from models.imaging import InputSpec
+from models.bundle import ArchitectureSpec, CalibrationSpec, Manifest
 from models.cushion import parse_cushion
+from models.imaging import InputSpec
 from models.networks import build_aegis
-from training.export import export_onnx, round_to_half
+from training.export import round_to_half, write_bundle
 
 
 def build_benchmark_bundle(out: Path, backbone: str, size: int, channels: int, classes: tuple[str, ...],
                            shield_width: int, cushion: str = "jpeg:80", seed: int = 0) -> Manifest:
     torch.manual_seed(seed)
-    out.mkdir(parents=True, exist_ok=True)
     spec = InputSpec(channels=channels, height=size, width=size)
     net = round_to_half(build_aegis(backbone, len(classes), channels, (size, size),
                                     shield_width=shield_width).eval())
-    diff = export_onnx(net, spec, out / ONNX_FILE)
     name = f"benchmark-{backbone}-{size}"
-    (out / CARD_FILE).write_text(
-        f"# {name} (untrained)\n\nRandom weights, exported by `python -m training.bench_bundle` to measure serving "
-        "latency and throughput of this architecture. **Its outputs mean nothing: never use it for diagnosis.**\n",
-        encoding="utf-8")
+    card = (f"# {name} (untrained)\n\nRandom weights, exported by `python -m benchmarks.bundle` to measure serving "
+            "latency and throughput of this architecture. **Its outputs mean nothing: never use it for diagnosis.**\n")
     manifest = Manifest(
         name=name, version="untrained", classes=classes, input=spec, cushion=parse_cushion(cushion),
         thresholds={c: 0.0 for c in classes},
         calibration=CalibrationSpec(clean_rejection_rate=0.5, split="none (untrained benchmark bundle)"),
         architecture=ArchitectureSpec(backbone=backbone, taps=tuple(net.classifier.taps),
                                       tap_names=net.classifier.tap_names, shield_width=shield_width),
-        metrics={"onnx_max_abs_diff": diff, "note": "untrained: benchmark only"})
-    return write_manifest(out, manifest)
+        metrics={"note": "untrained: benchmark only"})
+    return write_bundle(out, net, manifest, card, weights=False)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.bench_bundle", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bundle", description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", default="resnet50", choices=["resnet18", "resnet50", "vgg16"])
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--channels", type=int, default=1)

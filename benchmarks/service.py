@@ -2,8 +2,8 @@
 
 Prints figures; it is not a timed test. Run on the machine whose figures you report, and quote the command:
 
-    .venv/bin/python -m service.bench --bundle models/default --seconds 5
-    .venv/bin/python -m service.bench --bundle models/default --device cuda      # with the gpu extra on a GPU
+    .venv/bin/python -m benchmarks.service --bundle models/default --seconds 5
+    .venv/bin/python -m benchmarks.service --bundle models/default --device cuda      # with the gpu extra on a GPU
 
 1. raw ORT: images/s of the bundle's graph on pre-Cushioned inputs at batch 1..64; the best is the limit.
 2. defence cost: Cushion (per image, one core) and the full graph (classifier + Shields) against the classifier-only
@@ -277,7 +277,7 @@ def parse_cpus(text: str) -> set[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.service", description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", default=None, help="bundle folder (default: the embedded default bundle)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0 = all cores)")
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         args.threads = args.threads or len(args.server_cpus)
     figures: dict = {"bundle": f"{bundle.manifest.name} {bundle.manifest.version}", "images": len(images),
                      "input": bundle.manifest.input.model_dump(), "cpu_count": os.cpu_count(),
-                     "machine": platform.platform(), "command": " ".join(["python -m service.bench", *sys.argv[1:]]),
+                     "machine": platform.platform(), "command": " ".join(["python -m benchmarks.service", *sys.argv[1:]]),
                      "server_cpus": sorted(args.server_cpus) if args.server_cpus else "all", "replicas": args.replicas,
                      "client_cpus": sorted(client_cpus) if client_cpus else "all (shared with the server)"}
     print(json.dumps({k: figures[k] for k in ("bundle", "input", "images", "cpu_count", "server_cpus", "client_cpus",
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             os.sched_setaffinity(0, client_cpus)
         bundle_args = ["--bundle", str(bundle.root)]
         for name, cmd, path in (("service", ["-m", "service", *bundle_args], "/v1/diagnose"),
-                                ("naive", ["-m", "service.bench", "--serve-naive", *bundle_args], "/naive")):
+                                ("naive", ["-m", "benchmarks.service", "--serve-naive", *bundle_args], "/naive")):
             servers = []
             try:
                 for _ in range(args.replicas):

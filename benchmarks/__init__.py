@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that print figures (throughput, latency, defence cost); never shipped in the serving image."""

@@ -1,0 +1,65 @@
+"""The diagnose use case, free of HTTP: image bytes -> decode -> prepare + Cushion (worker pool) -> micro-batched
+ONNX graph -> Shield decision, with its metrics. `/v1/diagnose` (and any other way an image comes in) calls
+`diagnose`; routes only read the request and shape the answer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.decode import DecodedImage, decode_image
+from service.errors import EmptyBody
+from service.pipeline import DefensePipeline, Verdict
+from service.state import ServiceState
+
+ImageReader = Callable[[], Awaitable[tuple[bytes, str | None]]]  # -> (image bytes, declared media type)
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    decoded: DecodedImage  # what was uploaded: format and size
+    verdict: Verdict
+    batch_size: int  # images in the graph call that answered it
+
+
+def _decode_and_prepare(pipeline: DefensePipeline, data: bytes, media_type: str | None, max_pixels: int
+                        ) -> tuple[DecodedImage, np.ndarray, dict[str, float]]:
+    t0 = time.perf_counter()
+    decoded = decode_image(data, media_type, max_pixels)
+    decode_seconds = time.perf_counter() - t0
+    row, timings = pipeline.preprocess(decoded.image)
+    return decoded, row, {"decode": decode_seconds, **timings}
+
+
+async def diagnose(state: ServiceState, read: ImageReader) -> Diagnosis:
+    """Read one image with `read`, run it through the defended pipeline and count it in the metrics.
+
+    Reading and decoding happen inside `batcher.incoming()`, so the batcher knows a row is on its way; the request
+    timeout counts from the start of reading.
+    """
+    settings, metrics, pipeline, batcher = state.settings, state.metrics, state.pipeline, state.batcher
+    assert pipeline is not None and batcher is not None, "diagnose needs a ready service state"
+    metrics.inflight.inc()
+    try:
+        started = time.perf_counter()
+        with batcher.incoming():
+            data, media_type = await read()
+            if not data:
+                raise EmptyBody("the request carries no image (empty body or empty file)")
+            decoded, row, timings = await asyncio.get_running_loop().run_in_executor(
+                state.preprocess_pool, _decode_and_prepare, pipeline, data, media_type, settings.max_pixels)
+        remaining = settings.request_timeout_seconds - (time.perf_counter() - started)
+        result = await batcher.submit(row, timeout=remaining)
+        timings.update(queue=result.queue_seconds, inference=result.inference_seconds)
+        timings["total"] = time.perf_counter() - started
+        verdict = pipeline.decide(result.logits, result.shield_logits, timings)
+    finally:
+        metrics.inflight.dec()
+    metrics.diagnoses.labels(diagnosis=verdict.diagnosis, decision=verdict.decision).inc()
+    metrics.shield_logit.labels(predicted_class=verdict.diagnosis).observe(verdict.shield_logit)
+    metrics.observe_stages(timings)
+    return Diagnosis(decoded, verdict, result.batch_size)

@@ -1,0 +1,85 @@
+"""Stage 1 of training: the classifier, standard or adversarially trained (Madry et al.), with the Cushion as
+augmentation."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from models.cushion import CushionBase
+from models.networks import AegisNet
+from training.attacks import Objective, PGDConfig, pgd
+from training.config import TrainConfig
+from training.data import Split, TrainImages
+from training.distributed import Worker, data_loader, progress
+from training.inference import predict
+from training.runs import resume_epoch, save_checkpoint
+
+log = logging.getLogger("aegis.train")
+
+
+def train_classifier(cfg: TrainConfig, net: AegisNet, splits: dict[str, Split], cushion: CushionBase, worker: Worker,
+                     out: Path, checkpoint: dict | None, history: dict[str, list]) -> None:
+    model = net.classifier
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.clf_lr, weight_decay=cfg.clf_weight_decay)
+    steps_per_epoch = max(1, len(splits["train"].labels) // (cfg.clf_batch_size * worker.world))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.clf_lr, total_steps=cfg.clf_epochs * steps_per_epoch
+                                                    + 1, pct_start=0.15)
+    start = resume_epoch(checkpoint, "classifier", optimizer, scheduler)
+    counts = np.bincount(splits["train"].labels, minlength=net.classifier.head[-1].out_features)
+    class_weight = torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32,
+                                device=worker.device)  # inverse frequency: ~73% of Kermany train is PNEUMONIA
+    trainable = DistributedDataParallel(model) if worker.world > 1 else model
+    dataset = TrainImages(splits["train"], cushion, cfg.cushion_aug_prob, cfg.seed + worker.rank)
+    for epoch in range(start, cfg.clf_epochs):
+        model.train()
+        total, seen, began = 0.0, 0, time.time()
+        batches = data_loader(dataset, cfg.clf_batch_size, worker, epoch, cfg.seed)
+        for x, y in progress(batches, worker, f"classifier {epoch}"):
+            x, y = x.to(worker.device), y.to(worker.device)
+            if cfg.clf_adv_eps > 0:
+                x = adversarial_batch(cfg, model, x, y)
+            loss = F.cross_entropy(trainable(x), y, weight=class_weight, label_smoothing=0.05)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total, seen = total + loss.item() * len(y), seen + len(y)
+        if worker.world > 1:  # BatchNorm running statistics are per rank: adopt rank 0's so every rank holds one model
+            for buffer in model.buffers():
+                dist.broadcast(buffer, src=0)
+        model.eval()
+        val_logits, _ = predict(model, splits["val"].tensor(), cushion, device=worker.device)
+        acc = float((val_logits.argmax(1) == splits["val"].labels).mean())
+        entry = {"epoch": epoch, "loss": total / max(seen, 1), "val_accuracy_cushion": acc,
+                 "seconds": round(time.time() - began, 1)}
+        history["classifier"].append(entry)
+        log.info("classifier epoch %d/%d: loss %.4f, val accuracy (with Cushion) %.4f, %.0fs", epoch + 1,
+                 cfg.clf_epochs, entry["loss"], acc, entry["seconds"])
+        if worker.main:
+            save_checkpoint(out, "classifier", epoch, net, optimizer, scheduler, history)
+
+
+def adversarial_batch(cfg: TrainConfig, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """Replace the first `clf_adv_fraction` of the batch by PGD-L∞ images (random start, CE towards the most likely
+    wrong class, uint8-quantised) crafted against the current classifier."""
+    n = int(round(cfg.clf_adv_fraction * len(x)))
+    if n == 0:
+        return x
+    with torch.no_grad():
+        was_training = model.training
+        logits = model.eval()(x[:n])
+        model.train(was_training)
+    target = logits.masked_fill(F.one_hot(y[:n], logits.shape[1]).bool(), float("-inf")).argmax(1)
+    config = PGDConfig(eps=cfg.clf_adv_eps, steps=cfg.clf_adv_steps)
+    x_adv = pgd(model, x[:n], target, Objective(), config).x_adv
+    return torch.cat([x_adv, x[n:]])
