@@ -94,6 +94,9 @@ async def diagnose(request: Request, state: ReadyStateDep, _auth: ApiKeyDep) -> 
     metrics.diagnoses.labels(diagnosis=verdict.diagnosis, decision=verdict.decision).inc()
     metrics.shield_logit.labels(predicted_class=verdict.diagnosis).observe(verdict.shield_logit)
     metrics.observe_stages(timings)
+    state.recorder.record(verdict, request_id=request.state.request_id, image=data, input_format=decoded.format,
+                          width=decoded.width, height=decoded.height,
+                          key_id=getattr(request.state, "api_key_id", None))
     request.state.log.update(format=decoded.format, width=decoded.width, height=decoded.height,
                              diagnosis=verdict.diagnosis, decision=verdict.decision,
                              shield_logit=round(verdict.shield_logit, 4), batch_size=result.batch_size)
