@@ -108,6 +108,8 @@ class DecisionRecorder:
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Block until every row queued before this call is written (or given up); False on timeout."""
+        if self._closed or not self._thread.is_alive():
+            return self._queue.empty()
         marker = _Flush(threading.Event())
         self._queue.put(marker, timeout=timeout)
         return marker.done.wait(timeout)
