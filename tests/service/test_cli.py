@@ -31,7 +31,9 @@ def live(bundle_dir, tmp_path_factory):
     from service.main import create_app
 
     record = tmp_path_factory.mktemp("cli-record") / "records.sqlite"
-    app = create_app(make_settings(bundle_dir, auth_disabled=False, api_keys=KEY, record_url=f"sqlite:///{record}"))
+    # configure_logs=False: a test's capsys stream must not become the process-wide log stream
+    app = create_app(make_settings(bundle_dir, auth_disabled=False, api_keys=KEY, record_url=f"sqlite:///{record}"),
+                     configure_logs=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -163,3 +165,20 @@ def test_503_is_retried_after_retry_after_and_connection_errors_with_backoff(ima
     calls.clear(), waits.clear()
     response, error, attempts = asyncio.run(run(1))  # out of retries: the 503 is the answer
     assert response.status_code == 503 and attempts == 2 and waits == [backoff_seconds(1)]
+
+
+def test_export_through_the_api_gives_the_rows_of_the_database(live, folder, tmp_path, monkeypatch):
+    from service.record.store import DecisionFilter, iter_decisions
+
+    url, app, record = live
+    monkeypatch.setenv("AEGIS_API_KEY", KEY)
+    assert main(["diagnose", str(folder / "a"), "--url", url, "--out", str(tmp_path / "r.csv"), "--no-progress"]) == 0
+    app.state.aegis.recorder.flush()
+    assert main(["export-decisions", "--api", url, "--out", str(tmp_path / "via-api.jsonl")]) == 0
+    via_api = [json.loads(line) for line in (tmp_path / "via-api.jsonl").read_text().splitlines()]
+    stored = list(iter_decisions(app.state.aegis.recorder.engine, DecisionFilter()))
+    assert len(via_api) == len(stored) >= len(list((folder / "a").glob("*.png")))
+    assert [r["request_id"] for r in via_api] == [r["request_id"] for r in stored]
+    assert [r["image_sha256"] for r in via_api] == [r["image_sha256"] for r in stored]
+    monkeypatch.setenv("AEGIS_API_KEY", "wrong")
+    assert main(["export-decisions", "--api", url, "--out", str(tmp_path / "x.jsonl")]) == 2

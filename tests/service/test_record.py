@@ -233,22 +233,22 @@ def test_decisions_endpoint_needs_a_key_filters_and_pages(bundle_dir, image_path
         assert refused.status_code == 503 and refused.json()["reason"] == "record_disabled"
 
 
-def test_an_old_schema_is_refused_unless_migrations_run(bundle_dir, tmp_path, capsys):
+def test_an_old_schema_is_refused_unless_migrations_run(bundle_dir, tmp_path):
     url = f"sqlite:///{tmp_path}/records.sqlite"
     create_record_engine(url).connect().close()  # an empty database: no schema yet
     with pytest.raises(RecordError, match="service.cli migrate"):
         with serve(bundle_dir, record_url=url, record_migrate=False):
             pass
     assert cli(["migrate", "--db", url]) == 0
-    assert "None -> 0001" in capsys.readouterr().err
+    assert current_revision(create_record_engine(url)) == head_revision()
     with serve(bundle_dir, record_url=url, record_migrate=False) as harness:
         assert harness.get("/readyz").status_code == 200
     with pytest.raises(RecordError, match="in-memory"):
         create_record_engine("sqlite://")
 
 
-def test_export_writes_every_row_as_csv_or_jsonl_from_the_database_or_the_api(bundle_dir, image_paths,
-                                                                               any_record_url, tmp_path, capsys):
+def test_export_writes_every_row_as_csv_or_jsonl_from_the_database(bundle_dir, image_paths, any_record_url,
+                                                                    tmp_path):
     import csv
 
     with serve(bundle_dir, record_url=any_record_url) as harness:
@@ -267,7 +267,6 @@ def test_export_writes_every_row_as_csv_or_jsonl_from_the_database_or_the_api(bu
         rejected = list(csv.DictReader(handle))
     assert [r["request_id"] for r in rejected] == [r["request_id"] for r in stored if r["decision"] == "reject"]
     assert all(json.loads(r["probabilities"]).keys() == {"NORMAL", "PNEUMONIA"} for r in rejected)
-    assert f"exported {len(rejected)} decisions" in capsys.readouterr().err
 
 
 def test_export_refuses_a_missing_record(tmp_path, capsys):
