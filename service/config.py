@@ -20,6 +20,14 @@
     AEGIS_AUTH_DISABLED              true to serve without API keys (local use only; must be explicit)
     AEGIS_DRAIN_SECONDS              after SIGTERM: seconds /readyz answers 503 while traffic still flows
     AEGIS_LOG_LEVEL                  DEBUG | INFO | WARNING | ERROR
+    AEGIS_RECORD_URL                 decision record database: sqlite:///FILE (default ./aegis-records.sqlite)
+                                     or postgresql+psycopg://USER@HOST:PORT/DB (service/record/store.py)
+    AEGIS_RECORD_PASSWORD_FILE       a file with the database password (a mounted secret), kept out of the URL
+    AEGIS_RECORD_MIGRATE             true: upgrade the record's schema at start-up; false: refuse an old schema
+    AEGIS_RECORD_RETENTION_DAYS      delete decisions older than this many days (0 = keep them all)
+    AEGIS_RECORD_ENABLED             false: record nothing (benchmarks only)
+    AEGIS_RECORD_QUEUE_SIZE, AEGIS_RECORD_BATCH_SIZE, AEGIS_RECORD_FLUSH_SECONDS, AEGIS_RECORD_RETENTION_CHECK_SECONDS
+                                     the writer off the request path (service/record/writer.py)
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1 << 20
+DEFAULT_RECORD_URL = "sqlite:///aegis-records.sqlite"  # relative: next to where the service is started
 
 
 class Settings(BaseSettings):
@@ -62,6 +71,16 @@ class Settings(BaseSettings):
     drain_seconds: float = Field(0.0, ge=0.0, le=600.0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    record_enabled: bool = True
+    record_url: str = Field(DEFAULT_RECORD_URL, min_length=1)
+    record_password_file: Path | None = None
+    record_migrate: bool = True
+    record_retention_days: float = Field(0.0, ge=0.0, description="0 = keep every decision")
+    record_retention_check_seconds: float = Field(3600.0, gt=0.0)
+    record_queue_size: int = Field(10_000, ge=1, description="decisions waiting for the writer; beyond: counted lost")
+    record_batch_size: int = Field(256, ge=1)
+    record_flush_seconds: float = Field(0.2, ge=0.0, le=60.0)
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value):
@@ -86,6 +105,8 @@ class Settings(BaseSettings):
                              "or AEGIS_AUTH_DISABLED=true for local use without authentication")
         if self.api_keys_file is not None and not self.api_keys_file.is_file():
             raise ValueError(f"AEGIS_API_KEYS_FILE {self.api_keys_file} is not a file")
+        if self.record_password_file is not None and not self.record_password_file.is_file():
+            raise ValueError(f"AEGIS_RECORD_PASSWORD_FILE {self.record_password_file} is not a file")
         if not self.auth_disabled and not self.all_api_keys():
             raise ValueError(f"AEGIS_API_KEYS_FILE {self.api_keys_file} holds no key and AEGIS_API_KEYS is empty")
         return self

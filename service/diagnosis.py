@@ -35,8 +35,10 @@ def _decode_and_prepare(pipeline: DefensePipeline, data: bytes, media_type: str 
     return decoded, row, {"decode": decode_seconds, **timings}
 
 
-async def diagnose(state: ServiceState, read: ImageReader) -> Diagnosis:
-    """Read one image with `read`, run it through the defended pipeline and count it in the metrics.
+async def diagnose(state: ServiceState, read: ImageReader, *, request_id: str, key_id: str | None = None,
+                   source: str = "api") -> Diagnosis:
+    """Read one image with `read`, run it through the defended pipeline, count it in the metrics and append it to
+    the decision record (`request_id`, the caller's `key_id`, `source`: api, stow-rs, c-store...; never PHI).
 
     Reading and decoding happen inside `batcher.incoming()`, so the batcher knows a row is on its way; the request
     timeout counts from the start of reading.
@@ -62,4 +64,6 @@ async def diagnose(state: ServiceState, read: ImageReader) -> Diagnosis:
     metrics.diagnoses.labels(diagnosis=verdict.diagnosis, decision=verdict.decision).inc()
     metrics.shield_logit.labels(predicted_class=verdict.diagnosis).observe(verdict.shield_logit)
     metrics.observe_stages(timings)
+    state.recorder.record(verdict, request_id=request_id, image=data, input_format=decoded.format,
+                          width=decoded.width, height=decoded.height, key_id=key_id, source=source)
     return Diagnosis(decoded, verdict, result.batch_size)

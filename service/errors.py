@@ -73,3 +73,9 @@ class InferenceFailed(ServiceError):
     """The model call failed (device or runtime error): not the client's fault; details are in the logs."""
 
     status, reason = 500, "inference_failed"
+
+
+class RecordDisabled(ServiceError):
+    """GET /v1/decisions on a service started with AEGIS_RECORD_ENABLED=false."""
+
+    status, reason = 503, "record_disabled"

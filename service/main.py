@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from models.bundle import Bundle, load_bundle
-from service.api import routes_diagnose, routes_health, routes_model, routes_oip
+from service.api import routes_decisions, routes_diagnose, routes_health, routes_model, routes_oip
 from service.api.errors import register_error_handlers
 from service.batching import BatchFn, MicroBatcher, inference_executor
 from service.config import Settings
@@ -27,6 +27,7 @@ from service.logs import configure_logging
 from service.metrics import ServiceMetrics
 from service.middleware import RequestContextMiddleware
 from service.pipeline import DefensePipeline
+from service.record import open_recorder
 from service.runtime import create_runner
 from service.state import ServiceState
 
@@ -70,7 +71,7 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
     app.state.aegis = state
     app.state.metrics = metrics
     register_error_handlers(app)
-    for module in (routes_diagnose, routes_model, routes_health, routes_oip):
+    for module in (routes_diagnose, routes_decisions, routes_model, routes_health, routes_oip):
         app.include_router(module.router)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_upload_bytes)
     if settings.auth_disabled:
@@ -85,6 +86,7 @@ async def _start(state: ServiceState, runner_factory: RunnerFactory) -> None:
     try:
         bundle = await asyncio.to_thread(load_bundle, settings.bundle_dir)
         runner = await loop.run_in_executor(inference, runner_factory, bundle, settings)
+        state.recorder = await asyncio.to_thread(open_recorder, settings, bundle, metrics)
     except Exception as error:
         log.error("startup_failed", error=f"{type(error).__name__}: {error}")
         raise
@@ -120,6 +122,8 @@ async def _stop(state: ServiceState) -> None:
     state.ready = False
     if state.batcher is not None:
         await state.batcher.stop(timeout=state.settings.request_timeout_seconds)
+    if state.recorder is not None:  # every answered request is in the queue by now: write it all
+        await asyncio.to_thread(state.recorder.close)
     if state.preprocess_pool is not None:
         state.preprocess_pool.shutdown(wait=False, cancel_futures=True)
     if state.inference_executor is not None:

@@ -8,7 +8,7 @@ The monitoring dashboards and alerts are built on exactly these names (namespace
                                                     too_many_pixels, unsupported_media_type, undecodable,
                                                     unsupported_image, empty_body, missing_file, unauthorized,
                                                     not_ready, overloaded, timeout, inference_failed,
-                                                    invalid_request, internal, http)
+                                                    invalid_request, internal, http, record_disabled)
     aegis_diagnoses_total{diagnosis, decision}      counter: answered diagnoses; decision = accept | reject
     aegis_shield_logit{predicted_class}             histogram: the predicted class's Shield logit (high = clean);
                                                     its buckets are negative too, so (OpenMetrics) it has _bucket
@@ -22,6 +22,9 @@ The monitoring dashboards and alerts are built on exactly these names (namespace
     aegis_model_info{name, version, provider, requested_device}
                                                     gauge = 1: the served bundle, the ONNX Runtime execution
                                                     provider really in use (e.g. CPUExecutionProvider)
+    aegis_records_written_total                     counter: decisions written to the decision record
+    aegis_record_errors_total{reason}               counter: decisions answered but not recorded: queue_full,
+                                                    write_failed (database down after retries), stopped
 
 Process metrics (`process_*`) come from prometheus-client's process collector on the same registry.
 
@@ -68,6 +71,10 @@ class ServiceMetrics:
         self.ready = Gauge("aegis_ready", "1 when the bundle is loaded and warmed up", registry=r)
         self.model_info = Gauge("aegis_model_info", "The served bundle and the execution provider in use",
                                 ["name", "version", "provider", "requested_device"], registry=r)
+        self.records_written = Counter("aegis_records_written", "Decisions written to the decision record",
+                                       registry=r)
+        self.record_errors = Counter("aegis_record_errors", "Decisions answered but not recorded, by reason",
+                                     ["reason"], registry=r)
         if process_collector:
             ProcessCollector(registry=r)
 

@@ -1,7 +1,12 @@
-"""API-key authentication: `X-API-Key: <key>` or `Authorization: Bearer <key>`, constant-time comparison."""
+"""API-key authentication: `X-API-Key: <key>` or `Authorization: Bearer <key>`, constant-time comparison.
+
+A matched key is known downstream only by its `key_id` (`request.state.api_key_id`): the first 8 hex digits of its
+sha256, stable across restarts and replicas, enough to tell a deployment's few keys apart, useless to authenticate.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 
 from fastapi import Request
@@ -21,13 +26,23 @@ def presented_key(request: Request) -> str | None:
     return None
 
 
-def key_matches(presented: str, keys: tuple[bytes, ...]) -> bool:
+def key_id(key: bytes) -> str:
+    """The non-secret id of an API key (decision record, logs)."""
+    return hashlib.sha256(key).hexdigest()[:8]
+
+
+def matching_key(presented: str, keys: tuple[bytes, ...]) -> bytes | None:
     """Compare against every key with `hmac.compare_digest` (no early exit, so timing does not reveal which)."""
     candidate = presented.encode("utf-8", errors="replace")
-    matched = False
+    found = None
     for key in keys:
-        matched |= hmac.compare_digest(candidate, key)
-    return matched
+        if hmac.compare_digest(candidate, key):
+            found = key
+    return found
+
+
+def key_matches(presented: str, keys: tuple[bytes, ...]) -> bool:
+    return matching_key(presented, keys) is not None
 
 
 async def require_api_key(request: Request) -> None:
@@ -39,5 +54,7 @@ async def require_api_key(request: Request) -> None:
     if key is None:
         raise Unauthorized("missing API key: send 'X-API-Key: <key>' or 'Authorization: Bearer <key>'",
                            headers=CHALLENGE)
-    if not key_matches(key, state.api_keys):
+    matched = matching_key(key, state.api_keys)
+    if matched is None:
         raise Unauthorized("invalid API key", headers=CHALLENGE)
+    request.state.api_key_id = key_id(matched)

@@ -10,6 +10,7 @@ from service.batching import MicroBatcher
 from service.config import Settings
 from service.metrics import ServiceMetrics
 from service.pipeline import DefensePipeline
+from service.record import DecisionRecorder, DisabledRecorder
 
 
 @dataclass
@@ -22,6 +23,7 @@ class ServiceState:
     batcher: MicroBatcher | None = None
     preprocess_pool: ThreadPoolExecutor | None = None
     inference_executor: ThreadPoolExecutor | None = None  # the one thread of every model call
+    recorder: DecisionRecorder | DisabledRecorder | None = None  # the decision record (service/record)
     provider: str = "none"
     ready: bool = False
     draining: bool = False

@@ -64,7 +64,9 @@ async def read_image(request: Request, max_bytes: int) -> tuple[bytes, str | Non
 @router.post("/v1/diagnose", response_model=DiagnoseResponse, responses=ERRORS, openapi_extra=OPENAPI_BODY,
              summary="Diagnose one image with the Cushion + Shield defence")
 async def diagnose(request: Request, state: ReadyStateDep, _auth: ApiKeyDep) -> DiagnoseResponse:
-    result = await diagnosis.diagnose(state, lambda: read_image(request, state.settings.max_upload_bytes))
+    result = await diagnosis.diagnose(state, lambda: read_image(request, state.settings.max_upload_bytes),
+                                      request_id=request.state.request_id,
+                                      key_id=getattr(request.state, "api_key_id", None))
     verdict, decoded = result.verdict, result.decoded
     request.state.log.update(format=decoded.format, width=decoded.width, height=decoded.height,
                              diagnosis=verdict.diagnosis, decision=verdict.decision,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -82,3 +83,34 @@ class OipServerMetadata(BaseModel):
 
 class OipError(BaseModel):
     error: str
+
+
+# Decision record ----------------------------------------------------------------------------------------------------
+
+class DecisionRecord(BaseModel):
+    """One row of the decision record (service/record/schema.py): no patient data, no file name, no key."""
+
+    id: int = Field(description="record order; pass the last one as after_id for the next page")
+    decided_at: datetime
+    request_id: str
+    source: str = Field(description="api, or the DICOM path (stow-rs, c-store) the image came by")
+    model_name: str
+    model_version: str
+    model_sha256: str = Field(description="sha256 of the bundle's ONNX graph")
+    image_sha256: str = Field(description="sha256 of the image bytes as received")
+    input_format: Literal["png", "jpeg", "dicom"]
+    input_width: int
+    input_height: int
+    input_bytes: int
+    diagnosis: str
+    probabilities: dict[str, float]
+    decision: Literal["accept", "reject"]
+    shield_logit: float
+    threshold: float
+    key_id: str | None = Field(description="first 8 hex digits of the sha256 of the caller's API key; null when "
+                                           "authentication is disabled")
+
+
+class DecisionsPage(BaseModel):
+    decisions: list[DecisionRecord]
+    next_after_id: int | None = Field(description="after_id of the next page; null on the last page")

@@ -119,7 +119,7 @@ def start_service(name: str, bundle: Path, log_dir: Path) -> RunningService:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AEGIS_")}
     env.update(AEGIS_API_KEYS=API_KEY, AEGIS_INTRA_OP_THREADS="1", AEGIS_MAX_BATCH_SIZE="4",
-               AEGIS_LOG_LEVEL="WARNING", AEGIS_DEVICE="cpu")
+               AEGIS_LOG_LEVEL="WARNING", AEGIS_DEVICE="cpu", AEGIS_RECORD_URL=f"sqlite:///{log_dir}/{name}.sqlite")
     log_path = log_dir / f"{name}.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port),

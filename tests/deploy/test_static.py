@@ -140,7 +140,7 @@ def test_compose_cpu_override_drops_the_gpu():
 
 def test_compose_health_checks_dependencies_volumes_and_secrets(compose_config):
     services = compose_config["services"]
-    assert set(services) == {"aegis", "prometheus", "grafana", "alertmanager"}
+    assert set(services) == {"aegis", "postgres", "prometheus", "grafana", "alertmanager"}
     for name, service in services.items():
         assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
     assert "/readyz" in " ".join(services["aegis"]["healthcheck"]["test"])
@@ -156,6 +156,27 @@ def test_compose_health_checks_dependencies_volumes_and_secrets(compose_config):
         "/run/secrets/grafana_admin_password"
     for service in services.values():  # no secret value is passed as a plain environment variable
         assert not {"AEGIS_API_KEYS", "GF_SECURITY_ADMIN_PASSWORD"} & set(service.get("environment", {}))
+
+
+def test_compose_records_decisions_in_its_postgres_with_the_password_as_a_secret(compose_config):
+    from sqlalchemy.engine import make_url
+
+    services = compose_config["services"]
+    aegis, postgres = services["aegis"], services["postgres"]
+    url = make_url(aegis["environment"]["AEGIS_RECORD_URL"])
+    assert url.drivername == "postgresql+psycopg" and url.password is None  # no secret in the environment
+    assert (url.host, url.port) == ("postgres", 5432)
+    assert (url.username, url.database) == (postgres["environment"]["POSTGRES_USER"],
+                                            postgres["environment"]["POSTGRES_DB"])
+    secret = aegis["environment"]["AEGIS_RECORD_PASSWORD_FILE"]
+    assert secret == postgres["environment"]["POSTGRES_PASSWORD_FILE"] == "/run/secrets/postgres_password"
+    assert {s["source"] for s in aegis["secrets"]} >= {"postgres_password"}
+    assert compose_config["secrets"]["postgres_password"]["environment"] == "POSTGRES_PASSWORD"
+    assert aegis["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert "pg_isready" in postgres["healthcheck"]["test"]
+    data = next(v for v in postgres["volumes"] if v["target"] == "/var/lib/postgresql/data")
+    assert data["type"] == "volume" and data["source"] == "postgres-data"
+    assert "ports" not in postgres  # reachable from the service's network only
 
 
 def test_compose_mounts_match_grafana_and_prometheus_paths(compose_config):
@@ -217,6 +238,9 @@ def test_dockerfile_contract():
         "no build tool or package manager run in the final stage"
     pyproject = (REPO / "pyproject.toml").read_text()
     assert 'gpu = ["onnxruntime-gpu==1.31.1"]' in pyproject  # CUDA 13 + cuDNN 9 build
+    # the default decision record: a SQLite file in a folder of the service user, declared a volume
+    record = re.search(r"AEGIS_RECORD_URL=sqlite:///(/\S+)/records\.sqlite", final).group(1)
+    assert f"install -d -o 10001 -g 10001 -m 0750 {record}" in final and f'VOLUME ["{record}"]' in final
 
 
 def test_dockerignore_is_an_allow_list():
@@ -268,6 +292,12 @@ def test_deployment_gpu_probes_drain_and_security():
     needed = pre_stop + float(env["AEGIS_DRAIN_SECONDS"]) + float(env["AEGIS_REQUEST_TIMEOUT_SECONDS"]) + 5
     assert pod["terminationGracePeriodSeconds"] > needed
     assert env["AEGIS_DEVICE"] == "cuda" and env["AEGIS_ON_MISSING_CUDA"] == "fail"
+    # the decision record: PostgreSQL shared by the replicas, its password a mounted Secret, never in the URL
+    assert env["AEGIS_RECORD_URL"].startswith("postgresql+psycopg://aegis@")
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    assert env["AEGIS_RECORD_PASSWORD_FILE"] == f"{mounts['record-password']}/password"
+    assert secrets["record-password"] == "aegis-record"
 
 
 def test_service_monitor_and_service_agree():

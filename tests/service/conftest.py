@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import shutil
+import tempfile
 import threading
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -81,11 +82,16 @@ class Harness:
         return self.registry.get_sample_value(name, labels or {}) or 0.0
 
 
+def record_url() -> str:
+    """A fresh SQLite decision record in a temporary folder (never the default ./aegis-records.sqlite)."""
+    return f"sqlite:///{tempfile.mkdtemp(prefix='aegis-record-')}/records.sqlite"
+
+
 def make_settings(bundle_dir, **overrides):
     from service.config import Settings
 
     values = dict(bundle_dir=bundle_dir, auth_disabled=True, intra_op_threads=1, max_batch_size=8,
-                  max_batch_wait_seconds=0.002, log_level="INFO")
+                  max_batch_wait_seconds=0.002, log_level="INFO", record_url=record_url())
     values.update(overrides)
     return Settings(_env_file=None, **values)
 
@@ -176,3 +182,46 @@ def accept_all_bundle(bundle_dir, tmp_path_factory) -> Path:
 def service(bundle_dir):
     with serve(bundle_dir) as harness:
         yield harness
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url() -> str:
+    """AEGIS_TEST_POSTGRES_URL (set by .ci/run from scripts/ci-postgres.sh): a role that may create databases.
+    Missing: the test fails in CI and is skipped elsewhere."""
+    import os
+
+    url = os.environ.get("AEGIS_TEST_POSTGRES_URL")
+    if not url:
+        message = "a PostgreSQL server is required: export AEGIS_TEST_POSTGRES_URL=\"$(bash scripts/ci-postgres.sh)\""
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return url
+
+
+@pytest.fixture()
+def postgres_url(postgres_server_url):
+    """A fresh, empty PostgreSQL database for one test (dropped afterwards)."""
+    import uuid
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"aegis_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(postgres_server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(postgres_server_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_record_url(request, tmp_path) -> str:
+    """The decision record's two backends: a SQLite file, and a real PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/records.sqlite"
+    return request.getfixturevalue("postgres_url")

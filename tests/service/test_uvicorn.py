@@ -1,4 +1,5 @@
-"""One real `python -m service` process on 127.0.0.1: serving, auth, JSON logs without patient data, SIGTERM drain."""
+"""One real `python -m service` process on 127.0.0.1: serving, auth, JSON logs without patient data, SIGTERM drain,
+and the decision record flushed at shutdown."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -16,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.security import key_id
 from tests.service.conftest import REPO, png_bytes
 from tests.service.dicom_factory import PATIENT, make_dicom
 
@@ -33,7 +36,8 @@ def server(bundle_dir, tmp_path):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AEGIS_")}
     env.update(AEGIS_API_KEYS=KEY, AEGIS_DRAIN_SECONDS="1.0", AEGIS_INTRA_OP_THREADS="1",
-               AEGIS_MAX_BATCH_WAIT_SECONDS="0.3", PYTHONUNBUFFERED="1")
+               AEGIS_MAX_BATCH_WAIT_SECONDS="0.3", PYTHONUNBUFFERED="1",
+               AEGIS_RECORD_URL=f"sqlite:///{tmp_path}/records.sqlite", AEGIS_RECORD_FLUSH_SECONDS="30")
     log_path = tmp_path / "server.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--bundle",
@@ -111,3 +115,14 @@ def test_real_server_serves_drains_on_sigterm_and_logs_no_patient_data(server, r
     for value in PATIENT.values():
         assert value not in text
     assert KEY not in text
+
+    # the decision record: the writer waits 30 s for company, so these rows exist only through the SIGTERM flush
+    answered = [body["request_id"], from_dicom["request_id"], in_flight["response"].json()["request_id"],
+                during_drain.json()["request_id"]]
+    record = log_path.parent / "records.sqlite"
+    with sqlite3.connect(record) as connection:
+        rows = connection.execute("SELECT request_id, input_format, key_id FROM decisions ORDER BY id").fetchall()
+    assert sorted(r[0] for r in rows) == sorted(answered)
+    assert {r[1] for r in rows} == {"png", "dicom"} and {r[2] for r in rows} == {key_id(KEY.encode())}
+    stored = b"".join(p.read_bytes() for p in log_path.parent.glob("records.sqlite*"))
+    assert all(value.encode() not in stored for value in PATIENT.values()) and KEY.encode() not in stored
