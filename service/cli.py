@@ -317,7 +317,6 @@ def _model_classes(url: str, api_key: str | None, transport=None) -> list[str]:
 
 
 def run_diagnose(args, transport=None, sleep: Sleep = asyncio.sleep) -> int:
-
     files, skipped = find_images([Path(p) for p in args.paths])
     if not files:
         raise Fatal(f"no PNG, JPEG or DICOM file under {' '.join(args.paths)}")
