@@ -14,6 +14,17 @@ The decision rule, for an input `x` of any size:
 
 `load_bundle` refuses a bundle whose schema is wrong, whose major schema version is unknown, or whose files do not
 match their recorded hashes. This module needs no torch.
+
+Integrity: the bundle's **digest** is the sha256 of its canonical manifest (the JSON object re-serialised with sorted
+keys, separators `,` and `:`, UTF-8, no ASCII escaping); the manifest holds the sha256 of every other file, so the
+digest covers them all, and any edit (a threshold, a file) changes it. Anyone can recompute it:
+
+    python -c "import hashlib, json, sys; m = json.load(open(sys.argv[1])); print(hashlib.sha256(json.dumps(m,
+        sort_keys=True, separators=(',', ':'), ensure_ascii=False).encode()).hexdigest())" DIR/manifest.json
+
+An optional detached **signature** (`bundle.sig` next to the manifest, not listed in it: base64 of an Ed25519
+signature of `SIGNATURE_CONTEXT + digest`) is checked when a public key is given (`python -m models.signing`
+makes keys and signs; the service takes the key from AEGIS_BUNDLE_PUBLIC_KEY_FILE). `aegis.onnx` is never touched.
 """
 
 from __future__ import annotations
@@ -32,6 +43,8 @@ from models.imaging import InputSpec
 
 SCHEMA_VERSION = "1.0"
 MANIFEST = "manifest.json"
+SIGNATURE_FILE = "bundle.sig"
+SIGNATURE_CONTEXT = b"medical-aegis bundle sha256:"
 ONNX_FILE = "aegis.onnx"
 WEIGHTS_FILE = "weights.pt"
 CARD_FILE = "MODEL_CARD.md"
@@ -128,12 +141,55 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-class Bundle:
-    """A verified bundle on disk."""
+def canonical_json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
-    def __init__(self, root: Path, manifest: Manifest):
+
+def bundle_digest(manifest_bytes: bytes) -> str:
+    """sha256 hex of the canonical form of a manifest.json's content (see the module doc)."""
+    return hashlib.sha256(canonical_json(json.loads(manifest_bytes))).hexdigest()
+
+
+def signed_message(digest: str) -> bytes:
+    """What the Ed25519 signature signs: a fixed context (no other message of this project looks alike) + digest."""
+    return SIGNATURE_CONTEXT + digest.encode("ascii")
+
+
+def verify_signature(digest: str, public_key_file: Path, signature_file: Path) -> None:
+    """Raise BundleError unless `signature_file` holds a valid Ed25519 signature of the digest under the key."""
+    import base64
+    import binascii
+
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    if not signature_file.is_file():
+        raise BundleError(f"the bundle has no signature ({signature_file} is missing) but a bundle public key is "
+                          "configured: sign it with `python -m models.signing sign`, or remove the key setting")
+    try:
+        key = load_pem_public_key(Path(public_key_file).read_bytes())
+    except (ValueError, TypeError) as error:
+        raise BundleError(f"{public_key_file} is not a PEM public key: {error}") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise BundleError(f"{public_key_file} is not an Ed25519 public key")
+    try:
+        signature = base64.b64decode(signature_file.read_text(encoding="ascii").strip(), validate=True)
+        key.verify(signature, signed_message(digest))
+    except (InvalidSignature, binascii.Error, UnicodeDecodeError, ValueError):
+        raise BundleError(f"the bundle signature {signature_file} does not verify with {public_key_file}: the "
+                          f"manifest or a file changed after signing, or another key signed it (digest {digest})"
+                          ) from None
+
+
+class Bundle:
+    """A verified bundle on disk: `digest` (sha256 of the canonical manifest), `signature` (verified | unsigned)."""
+
+    def __init__(self, root: Path, manifest: Manifest, digest: str = "", signature: str = "unsigned"):
         self.root = root
         self.manifest = manifest
+        self.digest = digest
+        self.signature = signature
 
     @property
     def onnx_path(self) -> Path:
@@ -159,14 +215,17 @@ class Bundle:
         return json.loads(text) if name.endswith(".json") else text
 
 
-def load_bundle(path: str | Path | None = None) -> Bundle:
-    """Load and verify a bundle folder (the embedded default bundle when `path` is None)."""
+def load_bundle(path: str | Path | None = None, *, public_key_file: str | Path | None = None,
+                signature_file: str | Path | None = None) -> Bundle:
+    """Load and verify a bundle folder (the embedded default bundle when `path` is None). With `public_key_file`
+    (Ed25519, PEM) the bundle must also carry a valid signature (`signature_file`, default DIR/bundle.sig)."""
     root = Path(path) if path is not None else DEFAULT_BUNDLE_DIR
     manifest_path = root / MANIFEST
     if not manifest_path.is_file():
         raise BundleError(f"{root} is not a model bundle: {MANIFEST} is missing")
+    raw = manifest_path.read_bytes()
     try:
-        manifest = Manifest.model_validate_json(manifest_path.read_bytes())
+        manifest = Manifest.model_validate_json(raw)
     except ValidationError as error:
         raise BundleError(f"{manifest_path} does not match the bundle schema {SCHEMA_VERSION}: {error}") from error
     for required in (*REQUIRED_FILES, manifest.onnx.file, *manifest.reports.values()):
@@ -181,16 +240,21 @@ def load_bundle(path: str | Path | None = None) -> Bundle:
         actual = sha256_file(file)
         if actual != expected:
             raise BundleError(f"bundle file {name} was modified: sha256 {actual} != manifest {expected}")
-    return Bundle(root, manifest)
+    digest = bundle_digest(raw)
+    if public_key_file is None:
+        return Bundle(root, manifest, digest, "unsigned")
+    verify_signature(digest, Path(public_key_file), Path(signature_file) if signature_file else root / SIGNATURE_FILE)
+    return Bundle(root, manifest, digest, "verified")
 
 
 def write_manifest(root: str | Path, manifest: Manifest) -> Manifest:
-    """Hash every file in `root` (but the manifest) into `manifest.files` and write manifest.json."""
+    """Hash every file in `root` (but the manifest and its signature) into `manifest.files` and write manifest.json
+    (a signature made before no longer verifies: sign again)."""
     root = Path(root)
     files = {
         p.relative_to(root).as_posix(): sha256_file(p)
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
+        if p.is_file() and p.relative_to(root).as_posix() not in (MANIFEST, SIGNATURE_FILE)
     }
     final = manifest.model_copy(update={"files": files})
     Manifest.model_validate(final.model_dump())  # re-run the validators on the final form

@@ -22,6 +22,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from service.config import Settings
+from service.http import guarded_h11
 
 log = structlog.get_logger("aegis.service")
 
@@ -59,6 +60,17 @@ class DrainingServer(uvicorn.Server):
             self._captured_signals.clear()
 
 
+def http_limits(settings: Settings) -> dict:
+    """uvicorn options that bound a client before any authentication (docs/security.md, "HTTP limits")."""
+    limits = dict(limit_concurrency=settings.max_connections, timeout_keep_alive=settings.keep_alive_seconds)
+    if settings.http == "httptools":
+        log.warning("http_head_unbounded", detail="AEGIS_HTTP=httptools bounds neither the size nor the time of a "
+                                                  "request head: put a reverse proxy with those limits in front")
+        return limits | dict(http="httptools")
+    return limits | dict(http=guarded_h11(settings.header_timeout_seconds),
+                         h11_max_incomplete_event_size=settings.max_header_bytes)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     from models.bundle import BundleError, load_bundle  # local import: settings errors first, before heavy imports
 
     try:  # fail before binding the port, with one clear line
-        load_bundle(settings.bundle_dir)
+        load_bundle(settings.bundle_dir, public_key_file=settings.bundle_public_key_file,
+                    signature_file=settings.bundle_signature_file)
     except BundleError as error:
         print(f"cannot serve: {error}", file=sys.stderr)
         return 2
@@ -103,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, workers=1, lifespan="on", log_config=None,
                             access_log=False, server_header=False,
-                            timeout_graceful_shutdown=int(settings.request_timeout_seconds) + 5)
+                            timeout_graceful_shutdown=int(settings.request_timeout_seconds) + 5,
+                            **http_limits(settings))
     server = DrainingServer(config, app.state.aegis, settings.drain_seconds)
     try:
         server.run()

@@ -130,6 +130,11 @@ class MicroBatcher:
     def _set_depth(self) -> None:
         if self.metrics is not None:
             self.metrics.queue_depth.set(self.depth)
+            self.metrics.stage_inflight.labels(stage="queue").set(self.depth)
+
+    def _set_running(self, rows: int) -> None:
+        if self.metrics is not None:
+            self.metrics.stage_inflight.labels(stage="inference").set(rows)
 
     async def _gather(self) -> list[_Item]:
         assert self._queue is not None
@@ -157,6 +162,7 @@ class MicroBatcher:
             if not batch:
                 continue
             started = time.perf_counter()
+            self._set_running(len(batch))
             try:
                 logits, shield = await asyncio.get_running_loop().run_in_executor(
                     self.executor, self.run_batch, np.stack([item.row for item in batch]))
@@ -169,6 +175,8 @@ class MicroBatcher:
                         item.future.set_exception(InferenceFailed(
                             "the model call failed; the request id identifies it in the service logs"))
                 continue
+            finally:
+                self._set_running(0)
             elapsed = time.perf_counter() - started
             if self.metrics is not None:
                 self.metrics.batch_size.observe(len(batch))

@@ -4,15 +4,20 @@ The format is sniffed from the bytes, never trusted from a file name; a declared
 bytes is refused (415). Outputs are 8-bit Pillow images for `models.imaging.prepare_image`; 8-bit PNG/JPEG images
 are passed on as decoded, so the service sees exactly the pixels that `PIL.Image.open` gives the offline pipeline.
 
-Conversions to 8 bits:
-- 16-bit PNG (`I;16`, `I`): linear, 0..65535 -> 0..255 (round half up).
+Conversions to 8 bits, in integer arithmetic or on strips of rows (memory per request: the decoded image and one
+8-bit copy, never a float64 copy of the whole frame; docs/security.md "Memory per request"):
+- 16-bit PNG (`I;16`, `I`): linear, 0..65535 -> 0..255 (round half up), exactly `(2 v + 257) // 514`.
 - DICOM grayscale: stored values -> Modality LUT (Rescale Slope/Intercept or LUT) -> VOI (the first Window
   Center/Width, LINEAR / LINEAR_EXACT / SIGMOID, or a VOI LUT) mapped from its output range onto 0..255. Without a VOI,
   8-bit unsigned data without rescale is kept as is and anything else is min-max scaled. MONOCHROME1 is inverted
   (high = white) so that the model always sees MONOCHROME2. Colour DICOM (RGB, YBR) is converted to RGB.
 - Multi-frame DICOM is refused (422): send one frame.
 
-Error messages about DICOM never quote element values: they could contain patient data.
+Error messages about DICOM never quote element values: they could contain patient data (a Photometric Interpretation
+is named only when it is one of the standard's defined terms).
+
+Pixel limits: `max_pixels` for PNG/JPEG (a 64-224 px model needs no 50-megapixel photo), `max_dicom_pixels` for
+DICOM (the largest detectors of the modality); both are checked on the header, before any pixel is decoded.
 """
 
 from __future__ import annotations
@@ -38,6 +43,12 @@ MEDIA_TYPES: dict[str, ImageFormat] = {
     "application/dicom": "dicom",
 }
 GENERIC_MEDIA_TYPES = frozenset({"", "application/octet-stream"})
+DEFAULT_MAX_PIXELS = 4096 * 4096
+DEFAULT_MAX_DICOM_PIXELS = 6000 * 6000
+STRIP_PIXELS = 1 << 18  # elements per strip of the row-wise conversions: a few MB of temporaries
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+PHOTOMETRIC_TERMS = frozenset({"MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "HSV", "ARGB", "CMYK", "YBR_FULL",
+                               "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT"})
 EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"})
 
 
@@ -70,7 +81,8 @@ def check_media_type(media_type: str | None) -> ImageFormat | None:
     return MEDIA_TYPES[media]
 
 
-def decode_image(data: bytes, media_type: str | None = None, max_pixels: int = 50_000_000) -> DecodedImage:
+def decode_image(data: bytes, media_type: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_dicom_pixels: int = DEFAULT_MAX_DICOM_PIXELS) -> DecodedImage:
     """Decode `data`; raises the `service.errors` domain errors (413/415/422) for anything it cannot accept."""
     declared = check_media_type(media_type)
     if not data:
@@ -82,7 +94,7 @@ def decode_image(data: bytes, media_type: str | None = None, max_pixels: int = 5
     if declared is not None and declared != found:
         raise UnsupportedMediaType(f"content type says {declared} but the bytes are {found}")
     if found == "dicom":
-        return _decode_dicom(data, max_pixels)
+        return _decode_dicom(data, max_dicom_pixels)
     return _decode_pillow(data, found, max_pixels)
 
 
@@ -112,11 +124,20 @@ def _decode_pillow(data: bytes, fmt: ImageFormat, max_pixels: int) -> DecodedIma
 
 def _to_8bit(image: Image.Image, name: str) -> Image.Image:
     """16-bit and 32-bit integer images -> 8-bit `L`; every 8-bit mode is passed on untouched (see module doc)."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        array = np.asarray(image).astype(np.float64)
-        if array.size and (array.min() < 0 or array.max() > 65535):
-            raise UnsupportedImage(f"{name} integer pixels outside 0..65535 are not supported")
-        return Image.fromarray(_round_uint8(array * (255.0 / 65535.0)), mode="L")
+    if image.mode in SIXTEEN_BIT_MODES:
+        width, height = image.size
+        out = np.empty((height, width), np.uint8)
+        step = _strip_rows(width)
+        for top in range(0, height, step):  # strips: no full-size copy beside Pillow's own
+            strip = np.asarray(image.crop((0, top, width, min(height, top + step))))
+            if strip.size and (strip.min() < 0 or strip.max() > 65535):
+                raise UnsupportedImage(f"{name} integer pixels outside 0..65535 are not supported")
+            wide = strip.astype(np.uint32)  # in place: floor(v * 255 / 65535 + 0.5) = floor(v / 257 + 0.5)
+            wide *= 2
+            wide += 257
+            wide //= 514
+            out[top:top + step] = wide
+        return Image.fromarray(out, mode="L")
     if image.mode not in EIGHT_BIT_MODES:
         raise UnsupportedImage(f"{name} image mode {image.mode} is not supported")
     return image
@@ -124,6 +145,20 @@ def _to_8bit(image: Image.Image, name: str) -> Image.Image:
 
 def _round_uint8(values: np.ndarray) -> np.ndarray:
     return np.floor(np.clip(values, 0.0, 255.0) + 0.5).astype(np.uint8)
+
+
+def _strip_rows(row_elements: int) -> int:
+    return max(1, STRIP_PIXELS // max(1, row_elements))
+
+
+def _rows_to_uint8(array: np.ndarray, to_scaled) -> np.ndarray:
+    """`_round_uint8(to_scaled(array))`, strip by strip of rows: float64 temporaries of a few MB, not of the frame.
+    `to_scaled` must work element-wise (it sees one strip at a time)."""
+    out = np.empty(array.shape, np.uint8)
+    step = _strip_rows(int(np.prod(array.shape[1:], dtype=np.int64)))
+    for top in range(0, len(array), step):
+        out[top:top + step] = _round_uint8(to_scaled(array[top:top + step]))
+    return out
 
 
 # --- DICOM ------------------------------------------------------------------------------------------------------------
@@ -172,17 +207,20 @@ def _dicom_image(ds, max_pixels: int) -> DecodedImage:
     if samples == 3 and photometric in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"):
         array = ds.pixel_array  # pydicom converts YBR to RGB
         if array.dtype != np.uint8:
-            array = _round_uint8(_scale(array.astype(np.float64), 0.0, float(2 ** _dicom_int(ds, "BitsStored") - 1)))
+            high = float(2 ** _dicom_int(ds, "BitsStored") - 1)
+            array = _rows_to_uint8(array, lambda rows: _scale(rows.astype(np.float64), 0.0, high))
         return DecodedImage(Image.fromarray(np.ascontiguousarray(array), mode="RGB"), "dicom", columns, rows)
     if photometric == "PALETTE COLOR":
         from pydicom.pixels import apply_color_lut
 
         rgb = apply_color_lut(ds.pixel_array, ds)
-        depth = 8 if rgb.dtype == np.uint8 else 16
-        rgb = _round_uint8(_scale(rgb.astype(np.float64), 0.0, float(2 ** depth - 1)))
+        high = float(2 ** (8 if rgb.dtype == np.uint8 else 16) - 1)
+        rgb = _rows_to_uint8(rgb, lambda rows: _scale(rows.astype(np.float64), 0.0, high))
         return DecodedImage(Image.fromarray(rgb, mode="RGB"), "dicom", columns, rows)
-    raise UnsupportedImage(f"DICOM photometric interpretation {photometric or '(missing)'} with {samples} samples "
-                           "per pixel is not supported")
+    # name the value only when it is a defined term of the standard: anything else could be patient data
+    named = photometric if photometric in PHOTOMETRIC_TERMS else "(missing)" if not photometric else "(non-standard)"
+    raise UnsupportedImage(f"DICOM photometric interpretation {named} with {samples} samples per pixel is not "
+                           "supported (MONOCHROME1, MONOCHROME2, RGB, YBR_FULL(_422), YBR_ICT, YBR_RCT, PALETTE COLOR)")
 
 
 def _check_transfer_syntax(ds) -> None:
@@ -228,24 +266,30 @@ def _window_range(ds) -> tuple[float, float]:
 
 
 def _dicom_gray(ds, photometric: str) -> np.ndarray:
+    """Stored values -> Modality LUT -> VOI -> 8 bits, strip by strip (each step is element-wise given `ds`)."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     stored = ds.pixel_array
     if stored.ndim != 2:
         raise UnsupportedImage(f"expected one 2-D grayscale frame, got pixel array of shape {stored.shape}")
-    values = apply_modality_lut(stored, ds)
-    rescaled = values is not stored and ("RescaleSlope" in ds or "ModalityLUTSequence" in ds)
+    head = stored[:1]
+    rescaled = apply_modality_lut(head, ds) is not head and ("RescaleSlope" in ds or "ModalityLUTSequence" in ds)
     if ds.get("VOILUTSequence"):
-        out = apply_voi_lut(values, ds, prefer_lut=True).astype(np.float64)
-        depth = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-        scaled = _scale(out, 0.0, float(2 ** depth - 1))
+        high = float(2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1)
+        gray = _rows_to_uint8(stored, lambda rows: _scale(
+            apply_voi_lut(apply_modality_lut(rows, ds), ds, prefer_lut=True).astype(np.float64), 0.0, high))
     elif "WindowCenter" in ds and "WindowWidth" in ds:
         low, high = _window_range(ds)
-        scaled = _scale(apply_voi_lut(values, ds, prefer_lut=False).astype(np.float64), low, high)
+        gray = _rows_to_uint8(stored, lambda rows: _scale(
+            apply_voi_lut(apply_modality_lut(rows, ds), ds, prefer_lut=False).astype(np.float64), low, high))
     elif stored.dtype == np.uint8 and not rescaled:
-        scaled = stored.astype(np.float64)
-    else:
-        values = values.astype(np.float64)
-        scaled = _scale(values, float(values.min()), float(values.max()))
-    gray = _round_uint8(scaled)
+        gray = stored.astype(np.uint8, copy=True)
+    else:  # min-max over the whole frame: one pass for the range, one to scale
+        step = _strip_rows(stored.shape[1])
+        ranges = [(float(v.min()), float(v.max())) for v in
+                  (np.asarray(apply_modality_lut(stored[top:top + step], ds), dtype=np.float64)
+                   for top in range(0, len(stored), step))]
+        low, high = min(r[0] for r in ranges), max(r[1] for r in ranges)
+        gray = _rows_to_uint8(stored, lambda rows: _scale(
+            np.asarray(apply_modality_lut(rows, ds), dtype=np.float64), low, high))
     return 255 - gray if photometric == "MONOCHROME1" else gray

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.decode import DecodedImage, decode_image
-from service.errors import EmptyBody
+from service.errors import EmptyBody, RequestTimeout
 from service.pipeline import DefensePipeline, Verdict
 from service.state import ServiceState
 
@@ -26,36 +26,50 @@ class Diagnosis:
     batch_size: int  # images in the graph call that answered it
 
 
-def _decode_and_prepare(pipeline: DefensePipeline, data: bytes, media_type: str | None, max_pixels: int
-                        ) -> tuple[DecodedImage, np.ndarray, dict[str, float]]:
+def _decode_and_prepare(pipeline: DefensePipeline, data: bytes, media_type: str | None, max_pixels: int,
+                        max_dicom_pixels: int) -> tuple[DecodedImage, np.ndarray, dict[str, float]]:
     t0 = time.perf_counter()
-    decoded = decode_image(data, media_type, max_pixels)
+    decoded = decode_image(data, media_type, max_pixels, max_dicom_pixels)
     decode_seconds = time.perf_counter() - t0
     row, timings = pipeline.preprocess(decoded.image)
     return decoded, row, {"decode": decode_seconds, **timings}
 
 
 async def diagnose(state: ServiceState, read: ImageReader, *, request_id: str, key_id: str | None = None,
-                   source: str = "api") -> Diagnosis:
+                   source: str = "api", started: float | None = None) -> Diagnosis:
     """Read one image with `read`, run it through the defended pipeline, count it in the metrics and append it to
     the decision record (`request_id`, the caller's `key_id`, `source`: api, stow-rs, c-store...; never PHI).
 
-    Reading and decoding happen inside `batcher.incoming()`, so the batcher knows a row is on its way; the request
-    timeout counts from the start of reading.
+    `started` (time.perf_counter) is when the request's first byte arrived (the middleware's clock; now when None):
+    the request timeout counts from there, through reading, decoding, the batch queue and inference. Reading and
+    decoding are bounded stages (service/admission.py: 503 + Retry-After when full) and happen inside
+    `batcher.incoming()`, so the batcher knows a row is on its way.
     """
     settings, metrics, pipeline, batcher = state.settings, state.metrics, state.pipeline, state.batcher
     assert pipeline is not None and batcher is not None, "diagnose needs a ready service state"
+    started = time.perf_counter() if started is None else started
+    budget = settings.request_timeout_seconds
+
+    def remaining() -> float:
+        return budget - (time.perf_counter() - started)
+
     metrics.inflight.inc()
     try:
-        started = time.perf_counter()
         with batcher.incoming():
-            data, media_type = await read()
-            if not data:
-                raise EmptyBody("the request carries no image (empty body or empty file)")
-            decoded, row, timings = await asyncio.get_running_loop().run_in_executor(
-                state.preprocess_pool, _decode_and_prepare, pipeline, data, media_type, settings.max_pixels)
-        remaining = settings.request_timeout_seconds - (time.perf_counter() - started)
-        result = await batcher.submit(row, timeout=remaining)
+            try:
+                async with asyncio.timeout(max(remaining(), 0.0)):
+                    with state.stages.upload.enter():
+                        data, media_type = await read()
+                    if not data:
+                        raise EmptyBody("the request carries no image (empty body or empty file)")
+                    decoded, row, timings = await state.stages.decode.run_in(
+                        state.preprocess_pool, _decode_and_prepare, pipeline, data, media_type, settings.max_pixels,
+                        settings.max_dicom_pixels)
+            except TimeoutError:
+                raise RequestTimeout(f"the request timeout ({budget:.3g} s from the first byte) ran out while reading "
+                                     "or decoding the image; retry shortly",
+                                     headers={"Retry-After": str(settings.retry_after_seconds)}) from None
+        result = await batcher.submit(row, timeout=remaining())
         timings.update(queue=result.queue_seconds, inference=result.inference_seconds)
         timings["total"] = time.perf_counter() - started
         verdict = pipeline.decide(result.logits, result.shield_logits, timings)

@@ -53,6 +53,16 @@ class Unauthorized(ServiceError):
     status, reason = 401, "unauthorized"
 
 
+class AuthThrottled(ServiceError):
+    """Too many failed authentications from this client address: 429 + Retry-After, the key is not even checked."""
+
+    status, reason = 429, "auth_throttled"
+
+
+class HeaderFieldsTooLarge(ServiceError):
+    status, reason = 431, "header_fields_too_large"
+
+
 class NotReady(ServiceError):
     status, reason = 503, "not_ready"
 

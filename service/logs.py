@@ -3,16 +3,45 @@
 What is logged about a request: request id, route, status, duration, body size, image format and geometry, the
 verdict. Never the image bytes, never DICOM attributes (patient name/ID/birth date... are not even read into the log
 context), never API keys.
+
+Library warnings (`warnings.warn`) become `library_warning` lines of the same JSON stream instead of free text on
+stderr; pydicom's warnings and log records quote element values ("Invalid value for VR CS: '...'"), which can be
+patient data, so their text is withheld and only the category is kept.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import warnings
+from pathlib import Path
 
 import structlog
 
 _LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING, "ERROR": logging.ERROR}
+WITHHELD = frozenset({"pydicom"})  # libraries whose messages may quote DICOM element values
+warnings_log = structlog.get_logger("aegis.warnings")
+
+
+def _source(filename: str) -> str:
+    """The top-level package a warning comes from (its folder under site-packages), else the file's stem."""
+    parts = Path(filename).parts
+    for marker in ("site-packages", "dist-packages"):
+        if marker in parts and parts.index(marker) + 1 < len(parts):
+            return Path(parts[parts.index(marker) + 1]).stem
+    return Path(filename).stem
+
+
+def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    source = _source(str(filename))
+    text = None if source in WITHHELD else str(message)[:500]
+    warnings_log.warning("library_warning", category=category.__name__, source=source, message=text)
+
+
+class _WithholdMessage(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = f"{record.name} message withheld (may quote DICOM values)", ()
+        return True
 
 
 def configure_logging(level: str = "INFO") -> None:
@@ -44,5 +73,10 @@ def configure_logging(level: str = "INFO") -> None:
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True  # the service logs each request itself
+    warnings.showwarning = _log_warning
+    for name in WITHHELD:
+        library = logging.getLogger(name)
+        if not any(isinstance(f, _WithholdMessage) for f in library.filters):
+            library.addFilter(_WithholdMessage())
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # one line per plugin at every start

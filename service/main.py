@@ -15,10 +15,13 @@ from contextlib import asynccontextmanager
 
 import numpy as np
 import structlog
-from fastapi import FastAPI
-from prometheus_client import CollectorRegistry
+from fastapi import Depends, FastAPI
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry, start_http_server
 
 from models.bundle import Bundle, load_bundle
+from service.admission import Stages
 from service.api import routes_decisions, routes_diagnose, routes_health, routes_model, routes_oip
 from service.api.errors import register_error_handlers
 from service.batching import BatchFn, MicroBatcher, inference_executor
@@ -29,6 +32,7 @@ from service.middleware import RequestContextMiddleware
 from service.pipeline import DefensePipeline
 from service.record import open_recorder
 from service.runtime import create_runner
+from service.security import FailedAuthLimiter, require_api_key
 from service.state import ServiceState
 
 log = structlog.get_logger("aegis.service")
@@ -50,7 +54,12 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
         configure_logging(settings.log_level)
     metrics = ServiceMetrics(registry, max_batch_size=settings.max_batch_size)
     state = ServiceState(settings=settings, metrics=metrics,
-                         api_keys=() if settings.auth_disabled else settings.all_api_keys())
+                         api_keys={} if settings.auth_disabled else dict(settings.scoped_api_keys()),
+                         auth_limiter=FailedAuthLimiter(settings.auth_failure_limit,
+                                                        settings.auth_failure_window_seconds),
+                         stages=Stages(max_uploads=settings.max_inflight_uploads,
+                                       max_decodes=settings.max_inflight_decodes, gauge=metrics.stage_inflight,
+                                       retry_after_seconds=settings.retry_after_seconds))
     metrics.ready.set_function(lambda: float(state.serving))
 
     @asynccontextmanager
@@ -61,22 +70,46 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
         finally:
             await _stop(state)
 
+    open_docs = settings.docs_access == "open"
     app = FastAPI(
         title="Medical Aegis",
         summary="A medical image classifier defended by Cushion + Shield: every diagnosis comes with an "
                 "accept/reject decision.",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url="/docs" if open_docs else None, redoc_url="/redoc" if open_docs else None,
+        openapi_url="/openapi.json" if open_docs else None,
     )
     app.state.aegis = state
     app.state.metrics = metrics
     register_error_handlers(app)
     for module in (routes_diagnose, routes_decisions, routes_model, routes_health, routes_oip):
         app.include_router(module.router)
-    app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_upload_bytes)
+    if settings.docs_access == "key":
+        _docs_behind_key(app)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_upload_bytes,
+                       max_header_count=settings.max_header_count)
     if settings.auth_disabled:
         log.warning("auth_disabled", detail="API keys are not checked: local use only")
     return app
+
+
+def _docs_behind_key(app: FastAPI) -> None:
+    """AEGIS_DOCS_ACCESS=key: the schema and its two viewers answer only with an API key (the viewers then fetch
+    /openapi.json without one: read the schema with curl, or serve docs open where that is acceptable)."""
+    guarded = dict(include_in_schema=False, dependencies=[Depends(require_api_key)])
+
+    @app.get("/openapi.json", **guarded)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", **guarded)
+    async def docs():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - API")
+
+    @app.get("/redoc", **guarded)
+    async def redoc():
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - API")
 
 
 async def _start(state: ServiceState, runner_factory: RunnerFactory) -> None:
@@ -84,7 +117,9 @@ async def _start(state: ServiceState, runner_factory: RunnerFactory) -> None:
     inference = state.inference_executor = inference_executor()
     loop = asyncio.get_running_loop()
     try:
-        bundle = await asyncio.to_thread(load_bundle, settings.bundle_dir)
+        bundle = await asyncio.to_thread(load_bundle, settings.bundle_dir,
+                                         public_key_file=settings.bundle_public_key_file,
+                                         signature_file=settings.bundle_signature_file)
         runner = await loop.run_in_executor(inference, runner_factory, bundle, settings)
         state.recorder = await asyncio.to_thread(open_recorder, settings, bundle, metrics)
     except Exception as error:
@@ -94,7 +129,7 @@ async def _start(state: ServiceState, runner_factory: RunnerFactory) -> None:
     state.bundle, state.pipeline = bundle, pipeline
     state.provider = getattr(runner, "provider", "custom")
     m = bundle.manifest
-    metrics.set_model(m.name, m.version, state.provider, settings.device)
+    metrics.set_model(m.name, m.version, state.provider, settings.device, bundle.digest, bundle.signature)
     # warm-up outside the batcher (metrics stay clean): every shape the runner will see (batch 1 and the largest
     # batch, or every padding bucket), so that no request pays a first-shape cost
     warmup_sizes = getattr(runner, "warmup_sizes", lambda m: sorted({1, m}))(settings.max_batch_size)
@@ -111,10 +146,15 @@ async def _start(state: ServiceState, runner_factory: RunnerFactory) -> None:
     state.batcher.start()
     threads = settings.preprocess_threads or os.cpu_count() or 1
     state.preprocess_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="aegis-preprocess")
+    if settings.metrics_port:
+        state.metrics_server, _ = start_http_server(settings.metrics_port, settings.metrics_host,
+                                                    registry=metrics.registry)
     state.ready = True
     log.info("service_ready", model=m.name, version=m.version, provider=state.provider, classes=list(m.classes),
              cushion=bundle.cushion.describe(), bundle=str(bundle.root), max_batch_size=settings.max_batch_size,
-             auth="disabled" if settings.auth_disabled else "api_key")
+             auth="disabled" if settings.auth_disabled else "api_key", bundle_digest=bundle.digest,
+             bundle_signature=bundle.signature, metrics=f"port {settings.metrics_port}" if settings.metrics_port
+             else settings.metrics_access, docs=settings.docs_access, default_scope=settings.default_scope)
 
 
 async def _stop(state: ServiceState) -> None:
@@ -124,6 +164,9 @@ async def _stop(state: ServiceState) -> None:
         await state.batcher.stop(timeout=state.settings.request_timeout_seconds)
     if state.recorder is not None:  # every answered request is in the queue by now: write it all
         await asyncio.to_thread(state.recorder.close)
+    if state.metrics_server is not None:
+        state.metrics_server.shutdown()
+        state.metrics_server.server_close()
     if state.preprocess_pool is not None:
         state.preprocess_pool.shutdown(wait=False, cancel_futures=True)
     if state.inference_executor is not None:

@@ -17,11 +17,15 @@ The monitoring dashboards and alerts are built on exactly these names (namespace
                                                     inference | total (per request; inference = its batch's call)
     aegis_batch_size                                histogram: images per ONNX Runtime call
     aegis_queue_depth                               gauge: requests waiting for a batch
+    aegis_stage_inflight{stage}                     gauge: requests in each bounded stage: upload (reading the
+                                                    body), decode (waiting for or in decode + Cushion), queue
+                                                    (waiting for a batch), inference (rows in the running batch)
     aegis_inflight_requests                         gauge: diagnose requests being handled
     aegis_ready                                     gauge: 1 when the bundle is loaded and warmed up, 0 otherwise
-    aegis_model_info{name, version, provider, requested_device}
+    aegis_model_info{name, version, provider, requested_device, bundle_digest, bundle_signature}
                                                     gauge = 1: the served bundle, the ONNX Runtime execution
-                                                    provider really in use (e.g. CPUExecutionProvider)
+                                                    provider really in use (e.g. CPUExecutionProvider), the
+                                                    bundle's sha256 digest, its signature (verified | unsigned)
     aegis_records_written_total                     counter: decisions written to the decision record
     aegis_record_errors_total{reason}               counter: decisions answered but not recorded: queue_full,
                                                     write_failed (database down after retries), stopped
@@ -43,6 +47,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.07
 SHIELD_LOGIT_BUCKETS = (-20.0, -10.0, -5.0, -4.0, -3.0, -2.0, -1.5, -1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75,
                         1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 10.0, 20.0)
 STAGES = ("decode", "prepare", "cushion", "queue", "inference", "total")
+STAGE_GAUGES = ("upload", "decode", "queue", "inference")
 
 
 class ServiceMetrics:
@@ -67,10 +72,14 @@ class ServiceMetrics:
         self.batch_size = Histogram("aegis_batch_size", "Images per ONNX Runtime call",
                                     buckets=[float(b) for b in batch_buckets(max_batch_size)], registry=r)
         self.queue_depth = Gauge("aegis_queue_depth", "Requests waiting for a batch", registry=r)
+        self.stage_inflight = Gauge("aegis_stage_inflight", "Requests in each bounded stage", ["stage"], registry=r)
+        for stage in STAGE_GAUGES:
+            self.stage_inflight.labels(stage=stage)
         self.inflight = Gauge("aegis_inflight_requests", "Diagnose requests being handled", registry=r)
         self.ready = Gauge("aegis_ready", "1 when the bundle is loaded and warmed up", registry=r)
         self.model_info = Gauge("aegis_model_info", "The served bundle and the execution provider in use",
-                                ["name", "version", "provider", "requested_device"], registry=r)
+                                ["name", "version", "provider", "requested_device", "bundle_digest",
+                                 "bundle_signature"], registry=r)
         self.records_written = Counter("aegis_records_written", "Decisions written to the decision record",
                                        registry=r)
         self.record_errors = Counter("aegis_record_errors", "Decisions answered but not recorded, by reason",
@@ -78,10 +87,11 @@ class ServiceMetrics:
         if process_collector:
             ProcessCollector(registry=r)
 
-    def set_model(self, name: str, version: str, provider: str, requested_device: str) -> None:
+    def set_model(self, name: str, version: str, provider: str, requested_device: str, bundle_digest: str = "",
+                  bundle_signature: str = "unsigned") -> None:
         self.model_info.clear()
-        self.model_info.labels(name=name, version=version, provider=provider,
-                               requested_device=requested_device).set(1)
+        self.model_info.labels(name=name, version=version, provider=provider, requested_device=requested_device,
+                               bundle_digest=bundle_digest, bundle_signature=bundle_signature).set(1)
 
     def observe_stages(self, timings: dict[str, float]) -> None:
         for stage, seconds in timings.items():

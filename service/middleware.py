@@ -1,4 +1,9 @@
-"""One pure-ASGI middleware per request: request id, body size limit, request metrics and the access log line.
+"""One pure-ASGI middleware per request: request id, header count and body size limits, request metrics, the access
+log line, and `Cache-Control: no-store` on every answer that sets no caching policy itself (diagnoses, decisions
+and errors must not sit in a shared cache).
+
+`request.state.started` is when the request's first byte arrived (`service.http` records it; the ASGI call's start
+otherwise): the request timeout counts from there.
 
 The body limit is enforced twice: a declared Content-Length above `max_upload_bytes` is refused before any byte is
 read, and the bytes actually received are counted while they stream in (chunked uploads, lying headers). Both raise
@@ -12,8 +17,9 @@ import time
 import uuid
 
 import structlog
+from starlette.responses import JSONResponse
 
-from service.errors import PayloadTooLarge
+from service.errors import HeaderFieldsTooLarge, PayloadTooLarge
 from service.metrics import ServiceMetrics
 
 log = structlog.get_logger("aegis.access")
@@ -21,21 +27,32 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 class RequestContextMiddleware:
-    def __init__(self, app, metrics: ServiceMetrics, max_body_bytes: int):
+    def __init__(self, app, metrics: ServiceMetrics, max_body_bytes: int, max_header_count: int = 100):
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.max_header_count = max_header_count
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        started = time.perf_counter()
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        state = scope.setdefault("state", {})
+        started = state.get("first_byte") or time.perf_counter()
+        raw_headers = scope.get("headers", [])
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw_headers}
         incoming = headers.get("x-request-id", "")
         request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
-        state = scope.setdefault("state", {})
         state["request_id"] = request_id
+        state["started"] = started
         state["log"] = {}
+        if len(raw_headers) > self.max_header_count:  # before routing and authentication
+            error = HeaderFieldsTooLarge(f"{len(raw_headers)} header lines exceed the limit of "
+                                         f"{self.max_header_count}")
+            self.metrics.request_errors.labels(reason=error.reason).inc()
+            self.metrics.requests.labels(route="unmatched", status=str(error.status)).inc()
+            response = JSONResponse({"detail": error.message, "reason": error.reason, "request_id": request_id},
+                                    status_code=error.status, headers={"Connection": "close"})
+            return await response(scope, receive, send)
         declared = headers.get("content-length")
         limit = self.max_body_bytes
         received = 0
@@ -55,8 +72,10 @@ class RequestContextMiddleware:
         async def tagged_send(message):
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode("latin-1"))]
+                extra = [(b"x-request-id", request_id.encode("latin-1"))]
+                if not any(k.lower() == b"cache-control" for k, _ in message.get("headers", [])):
+                    extra.append((b"cache-control", b"no-store"))
+                message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
         try:

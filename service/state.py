@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from models.bundle import Bundle
 from service.batching import MicroBatcher
@@ -17,7 +18,10 @@ from service.record import DecisionRecorder, DisabledRecorder
 class ServiceState:
     settings: Settings
     metrics: ServiceMetrics
-    api_keys: tuple[bytes, ...] = ()
+    api_keys: dict[bytes, str] = field(default_factory=dict)  # key -> scope (full | coarse)
+    auth_limiter: Any = None  # service.security.FailedAuthLimiter
+    stages: Any = None  # service.admission.Stages: the bounded upload and decode stages
+    metrics_server: Any = None  # the separate /metrics HTTP server (AEGIS_METRICS_PORT), when one runs
     bundle: Bundle | None = None
     pipeline: DefensePipeline | None = None
     batcher: MicroBatcher | None = None

@@ -11,6 +11,7 @@ from service.api.schemas import DiagnoseResponse, ErrorResponse, InputInfo, Mode
 from service.decode import DecodedImage, check_media_type
 from service.errors import MissingFile, PayloadTooLarge
 from service.pipeline import Verdict
+from service.security import request_scope
 from service.state import ServiceState
 
 router = APIRouter(tags=["diagnose"])
@@ -33,10 +34,11 @@ OPENAPI_BODY = {
 }
 ERRORS = {code: {"model": ErrorResponse, "description": text} for code, text in {
     401: "missing or invalid API key",
-    413: "body above max_upload_bytes, or image above max_pixels",
+    413: "body above max_upload_bytes, or image above max_pixels / max_dicom_pixels",
     415: "not PNG/JPEG/DICOM, content type contradicts the bytes, or compressed DICOM without a decoder",
     422: "empty, truncated or undecodable image; multi-frame DICOM; no pixel data",
-    503: "not ready, draining, queue full (Retry-After) or request timeout",
+    429: "too many failed authentications from this address (Retry-After)",
+    503: "not ready, draining, a stage full (Retry-After) or request timeout",
 }.items()}
 
 
@@ -60,13 +62,15 @@ async def read_image(request: Request, max_bytes: int) -> tuple[bytes, str | Non
 
 
 @router.post("/diagnose", response_model=DiagnoseResponse, responses=ERRORS, openapi_extra=OPENAPI_BODY,
+             response_model_exclude_none=True,
              summary="Diagnose one image with the Cushion + Shield defence (alias of /v1/diagnose)")
 @router.post("/v1/diagnose", response_model=DiagnoseResponse, responses=ERRORS, openapi_extra=OPENAPI_BODY,
-             summary="Diagnose one image with the Cushion + Shield defence")
+             response_model_exclude_none=True, summary="Diagnose one image with the Cushion + Shield defence")
 async def diagnose(request: Request, state: ReadyStateDep, _auth: ApiKeyDep) -> DiagnoseResponse:
     result = await diagnosis.diagnose(state, lambda: read_image(request, state.settings.max_upload_bytes),
                                       request_id=request.state.request_id,
-                                      key_id=getattr(request.state, "api_key_id", None))
+                                      key_id=getattr(request.state, "api_key_id", None),
+                                      started=getattr(request.state, "started", None))
     verdict, decoded = result.verdict, result.decoded
     request.state.log.update(format=decoded.format, width=decoded.width, height=decoded.height,
                              diagnosis=verdict.diagnosis, decision=verdict.decision,
@@ -76,14 +80,14 @@ async def diagnose(request: Request, state: ReadyStateDep, _auth: ApiKeyDep) -> 
 
 def _response(request: Request, state: ServiceState, decoded: DecodedImage, verdict: Verdict) -> DiagnoseResponse:
     manifest = state.bundle.manifest
-    return DiagnoseResponse(
+    answer = DiagnoseResponse(
         request_id=request.state.request_id,
         diagnosis=verdict.diagnosis,
-        probabilities=verdict.probabilities,
         decision=verdict.decision,
-        shield_logit=verdict.shield_logit,
-        threshold=verdict.threshold,
         model=ModelRef(name=manifest.name, version=manifest.version),
         input=InputInfo(format=decoded.format, width=decoded.width, height=decoded.height),
-        timings_seconds=verdict.timings,
     )
+    if request_scope(request) == "full":  # the scores: for trusted callers only (docs/security.md)
+        answer = answer.model_copy(update=dict(probabilities=verdict.probabilities, shield_logit=verdict.shield_logit,
+                                               threshold=verdict.threshold, timings_seconds=verdict.timings))
+    return answer

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.api.deps import StateDep
-from service.api.schemas import Status
+from service.api.schemas import ErrorResponse, Status
+from service.errors import ServiceError
+from service.security import require_api_key
 
 router = APIRouter(tags=["operations"])
 
@@ -30,7 +32,22 @@ async def readyz(state: StateDep):
     return JSONResponse({"status": status}, status_code=200 if status == "ready" else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics (text exposition format)",
-            response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+class MetricsElsewhere(ServiceError):
+    status, reason = 404, "not_found"
+
+
+async def metrics_access(request: Request) -> None:
+    """AEGIS_METRICS_PORT set: /metrics lives on that port only; AEGIS_METRICS_ACCESS=key: an API key is needed."""
+    settings = request.app.state.aegis.settings
+    if settings.metrics_port:
+        raise MetricsElsewhere("metrics are served on a separate port (AEGIS_METRICS_PORT)")
+    if settings.metrics_access == "key":
+        await require_api_key(request)
+
+
+@router.get("/metrics", summary="Prometheus metrics (text exposition format; API key unless AEGIS_METRICS_ACCESS=open)",
+            response_class=Response, dependencies=[Depends(metrics_access)],
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}, 401: {"model": ErrorResponse},
+                       404: {"model": ErrorResponse}, 429: {"model": ErrorResponse}})
 async def metrics(state: StateDep) -> Response:
     return Response(content=state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

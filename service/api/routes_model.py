@@ -16,6 +16,8 @@ router = APIRouter(tags=["model"])
 async def model(state: ReadyStateDep, _auth: ApiKeyDep) -> ModelResponse:
     bundle = state.bundle
     return ModelResponse(
+        bundle_digest=bundle.digest,
+        bundle_signature=bundle.signature,
         manifest=bundle.manifest.model_dump(mode="json"),
         model_card=bundle.model_card(),
         security_report=bundle.report("security_report"),

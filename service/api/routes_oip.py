@@ -1,5 +1,7 @@
 """The Open Inference Protocol (KServe v2 / Triton) health and metadata paths, so existing probes work unchanged.
 
+The health paths are open (probes); server and model metadata need an API key (they name the model to a stranger).
+
 Inference itself stays on /v1/diagnose: the product is the per-request accept/reject decision, not raw tensors.
 """
 
@@ -8,16 +10,17 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from service.api.deps import StateDep
+from service.api.deps import ApiKeyDep, StateDep
 from service.api.routes_health import readiness
-from service.api.schemas import OipError, OipLive, OipModelMetadata, OipReady, OipServerMetadata, OipTensor
+from service.api.schemas import ErrorResponse, OipError, OipLive, OipModelMetadata, OipReady, OipServerMetadata, OipTensor
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol"])
 SERVER_NAME = "medical-aegis"
+AUTH_ERRORS = {401: {"model": ErrorResponse}, 429: {"model": ErrorResponse}}
 
 
-@router.get("", response_model=OipServerMetadata, summary="OIP server metadata")
-async def server_metadata() -> OipServerMetadata:
+@router.get("", response_model=OipServerMetadata, responses=AUTH_ERRORS, summary="OIP server metadata")
+async def server_metadata(_auth: ApiKeyDep) -> OipServerMetadata:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -56,21 +59,21 @@ def _metadata(state, name: str, version: str | None):
     )
 
 
-@router.get("/models/{name}", response_model=OipModelMetadata, responses={404: {"model": OipError}},
+@router.get("/models/{name}", response_model=OipModelMetadata, responses=AUTH_ERRORS | {404: {"model": OipError}},
             summary="OIP model metadata")
-async def model_metadata(name: str, state: StateDep):
+async def model_metadata(name: str, state: StateDep, _auth: ApiKeyDep):
     return _metadata(state, name, None)
 
 
 @router.get("/models/{name}/versions/{version}", response_model=OipModelMetadata,
-            responses={404: {"model": OipError}}, summary="OIP model metadata of one version")
-async def model_version_metadata(name: str, version: str, state: StateDep):
+            responses=AUTH_ERRORS | {404: {"model": OipError}}, summary="OIP model metadata of one version")
+async def model_version_metadata(name: str, version: str, state: StateDep, _auth: ApiKeyDep):
     return _metadata(state, name, version)
 
 
-@router.get("/models/{name}/ready", response_model=OipReady, responses={404: {"model": OipError}},
+@router.get("/models/{name}/ready", response_model=OipReady, responses=AUTH_ERRORS | {404: {"model": OipError}},
             summary="OIP model readiness")
-async def model_ready(name: str, state: StateDep):
+async def model_ready(name: str, state: StateDep, _auth: ApiKeyDep):
     bundle = state.bundle
     if bundle is not None and name != bundle.manifest.name:
         return JSONResponse({"error": f"unknown model {name!r}"}, status_code=404)

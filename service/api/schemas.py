@@ -20,18 +20,24 @@ class InputInfo(BaseModel):
 
 
 class DiagnoseResponse(BaseModel):
+    """The answer. Callers with the `coarse` scope get request_id, diagnosis, decision, model and input only: the
+    scores are what a black-box attacker optimises against (docs/security.md, "What the answer reveals")."""
+
     request_id: str
     diagnosis: str = Field(description="the predicted class name")
-    probabilities: dict[str, float] = Field(description="softmax of the classifier logits, per class name")
+    probabilities: dict[str, float] | None = Field(
+        None, description="softmax of the classifier logits, per class name (full scope only)")
     decision: Literal["accept", "reject"] = Field(
         description="accept: the Shield of the predicted class judges the image clean; reject: likely adversarial "
                     "or out of distribution, do not use the diagnosis")
-    shield_logit: float = Field(description="the predicted class's Shield logit (high = clean)")
-    threshold: float = Field(description="accept iff shield_logit >= threshold")
+    shield_logit: float | None = Field(
+        None, description="the predicted class's Shield logit (high = clean; full scope only)")
+    threshold: float | None = Field(None, description="accept iff shield_logit >= threshold (full scope only)")
     model: ModelRef
     input: InputInfo
-    timings_seconds: dict[str, float] = Field(
-        description="decode, prepare, cushion, queue, inference (the batch's ONNX Runtime call), total")
+    timings_seconds: dict[str, float] | None = Field(
+        None, description="decode, prepare, cushion, queue, inference (the batch's ONNX Runtime call), total "
+                          "(full scope only)")
 
 
 class ErrorResponse(BaseModel):
@@ -41,6 +47,10 @@ class ErrorResponse(BaseModel):
 
 
 class ModelResponse(BaseModel):
+    bundle_digest: str = Field(description="sha256 of the canonical manifest, which holds the sha256 of every other "
+                                           "bundle file (models/bundle.py, bundle_digest)")
+    bundle_signature: Literal["verified", "unsigned"] = Field(
+        description="verified: the bundle's Ed25519 signature matched AEGIS_BUNDLE_PUBLIC_KEY_FILE at start-up")
     manifest: dict[str, Any]
     model_card: str
     security_report: Any | None = None

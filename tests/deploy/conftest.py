@@ -80,6 +80,7 @@ class RunningService:
     port: int
     process: subprocess.Popen
     log_path: Path
+    metrics_port: int = 0  # AEGIS_METRICS_PORT, as in compose and Kubernetes
     answers: list[dict] = field(default_factory=list)
 
     @property
@@ -88,7 +89,7 @@ class RunningService:
 
     @property
     def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"127.0.0.1:{self.metrics_port}"
 
     def log_tail(self, chars: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.is_file() else ""
@@ -102,7 +103,7 @@ class RunningService:
         return answer
 
     def metrics_text(self) -> str:
-        response = httpx.get(f"{self.url}/metrics", timeout=10)
+        response = httpx.get(f"http://{self.target}/metrics", timeout=10)
         response.raise_for_status()
         return response.text
 
@@ -116,16 +117,17 @@ def copy_bundle(src: Path, dst: Path, thresholds: float) -> Path:
 
 
 def start_service(name: str, bundle: Path, log_dir: Path) -> RunningService:
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AEGIS_")}
     env.update(AEGIS_API_KEYS=API_KEY, AEGIS_INTRA_OP_THREADS="1", AEGIS_MAX_BATCH_SIZE="4",
+               AEGIS_METRICS_PORT=str(metrics_port),
                AEGIS_LOG_LEVEL="WARNING", AEGIS_DEVICE="cpu", AEGIS_RECORD_URL=f"sqlite:///{log_dir}/{name}.sqlite")
     log_path = log_dir / f"{name}.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port),
                                     "--bundle", str(bundle)], cwd=REPO, env=env, stdout=log,
                                    stderr=subprocess.STDOUT)
-    service = RunningService(name, port, process, log_path)
+    service = RunningService(name, port, process, log_path, metrics_port)
 
     def ready():
         if process.poll() is not None:

@@ -89,7 +89,10 @@ def test_scrape_config_targets_the_compose_service(compose_config):
     target = job["static_configs"][0]["targets"][0]
     host, port = target.split(":")
     assert host in compose_config["services"]
-    assert any(p["target"] == int(port) for p in compose_config["services"]["aegis"]["ports"])
+    aegis = compose_config["services"]["aegis"]
+    # metrics on their own port inside the compose network, never published next to the API port
+    assert aegis["environment"]["AEGIS_METRICS_PORT"] == port and aegis["environment"]["AEGIS_METRICS_HOST"] == "0.0.0.0"
+    assert all(p["target"] != int(port) for p in aegis["ports"])
     assert job.get("metrics_path", "/metrics") == "/metrics"
 
 

@@ -13,15 +13,15 @@ from tests.service.conftest import png_bytes, serve
 @pytest.fixture(scope="module")
 def keyed(bundle_dir, tmp_path_factory):
     key_file = tmp_path_factory.mktemp("keys") / "keys.txt"
-    key_file.write_text("# one key per line\nfile-key-3\n\n", encoding="utf-8")
-    with serve(bundle_dir, auth_disabled=False, api_keys="env-key-1,env-key-2", api_keys_file=key_file) as harness:
+    key_file.write_text("# one key per line\nfile-key-3-0123456789\n\n", encoding="utf-8")
+    with serve(bundle_dir, auth_disabled=False, api_keys="env-key-1-0123456789,env-key-2-0123456789", api_keys_file=key_file) as harness:
         yield harness
 
 
 def test_missing_or_wrong_key_is_401(keyed, image_paths):
     data = png_bytes(image_paths[0])
-    for headers in ({}, {"x-api-key": "wrong"}, {"authorization": "Bearer wrong"}, {"authorization": "Basic env-key-1"},
-                    {"x-api-key": ""}, {"x-api-key": "env-key-1 "}):
+    for headers in ({}, {"x-api-key": "wrong"}, {"authorization": "Bearer wrong"}, {"authorization": "Basic env-key-1-0123456789"},
+                    {"x-api-key": ""}, {"x-api-key": "env-key-1-0123456789 "}):
         response = keyed.post_image(data, headers=headers)
         assert response.status_code == 401, headers
         assert response.json()["reason"] == "unauthorized"
@@ -32,14 +32,16 @@ def test_missing_or_wrong_key_is_401(keyed, image_paths):
 
 def test_valid_keys_from_env_and_file_are_accepted(keyed, image_paths):
     data = png_bytes(image_paths[0])
-    for headers in ({"x-api-key": "env-key-1"}, {"authorization": "Bearer env-key-2"}, {"x-api-key": "file-key-3"}):
+    for headers in ({"x-api-key": "env-key-1-0123456789"}, {"authorization": "Bearer env-key-2-0123456789"}, {"x-api-key": "file-key-3-0123456789"}):
         assert keyed.post_image(data, headers=headers).status_code == 200, headers
-    assert keyed.get("/v1/model", headers={"x-api-key": "env-key-1"}).status_code == 200
+    assert keyed.get("/v1/model", headers={"x-api-key": "env-key-1-0123456789"}).status_code == 200
 
 
-def test_probes_and_metrics_need_no_key(keyed):
-    for path in ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"):
+def test_probes_need_no_key_and_metrics_do(keyed):
+    for path in ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"):
         assert keyed.get(path).status_code == 200, path
+    assert keyed.get("/metrics").status_code == 401
+    assert keyed.get("/metrics", headers={"x-api-key": "env-key-1-0123456789"}).status_code == 200
 
 
 def test_auth_must_be_disabled_explicitly(bundle_dir, tmp_path):
@@ -53,11 +55,13 @@ def test_auth_must_be_disabled_explicitly(bundle_dir, tmp_path):
 
 
 def test_keys_from_environment_variables(monkeypatch):
-    monkeypatch.setenv("AEGIS_API_KEYS", "a, b ,c")
+    a, b, c = ("key-a-0123456789abc", "key-b-0123456789abc", "key-c-0123456789abc")
+    monkeypatch.setenv("AEGIS_API_KEYS", f"{a}, {b} ,{c} coarse")
     monkeypatch.setenv("AEGIS_MAX_BATCH_SIZE", "4")
     settings = Settings(_env_file=None)
-    assert settings.all_api_keys() == (b"a", b"b", b"c") and settings.max_batch_size == 4
-    assert "a" not in repr(settings.api_keys)  # secrets are not printed
+    assert settings.all_api_keys() == (a.encode(), b.encode(), c.encode()) and settings.max_batch_size == 4
+    assert settings.scoped_api_keys()[2] == (c.encode(), "coarse")
+    assert a not in repr(settings.api_keys)  # secrets are not printed
 
 
 def test_key_comparison_checks_every_key():

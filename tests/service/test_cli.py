@@ -22,7 +22,7 @@ from service.cli import backoff_seconds, find_images, main, post_with_retries, r
 from tests.service.conftest import make_settings, png_bytes
 from tests.service.dicom_factory import PATIENT, make_dicom
 
-KEY = "cli-test-key"
+KEY = "cli-test-key-0123456789"
 
 
 @pytest.fixture(scope="module")

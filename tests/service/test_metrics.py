@@ -81,9 +81,10 @@ def test_accepts_and_errors_are_counted_by_label(accept_all_bundle, image_paths)
 
 
 def test_model_info_and_ready_gauges(service, reference):
-    m = reference.manifest
+    m, bundle = reference.manifest, reference.bundle
     assert service.sample("aegis_model_info", {"name": m.name, "version": m.version,
-                                               "provider": "CPUExecutionProvider", "requested_device": "cpu"}) == 1
+                                               "provider": "CPUExecutionProvider", "requested_device": "cpu",
+                                               "bundle_digest": bundle.digest, "bundle_signature": "unsigned"}) == 1
     assert service.sample("aegis_ready") == 1
 
 
