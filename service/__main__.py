@@ -6,6 +6,9 @@ traffic keeps being served for AEGIS_DRAIN_SECONDS (so the load balancer can tak
 accepting, waits for in-flight requests and exits 0 (the Kubernetes pattern; set AEGIS_DRAIN_SECONDS to a few
 seconds there, the default 0 suits local use). A second SIGTERM, or Ctrl-C, skips what is left of the drain delay.
 
+HTTP limits before any authentication (head size and time, header count, connections; `http_limits`, service/http.py,
+docs/security.md "HTTP limits") come from settings.
+
     AEGIS_AUTH_DISABLED=true python -m service                       # local, default bundle, 127.0.0.1:8000
     AEGIS_API_KEYS_FILE=/run/secrets/keys python -m service --host 0.0.0.0 --port 8000 --bundle /models/cxr
 """

@@ -53,6 +53,12 @@ class Unauthorized(ServiceError):
     status, reason = 401, "unauthorized"
 
 
+class Forbidden(ServiceError):
+    """A valid key whose scope does not cover the route (a `coarse` key asking for scores, thresholds, metrics)."""
+
+    status, reason = 403, "forbidden"
+
+
 class AuthThrottled(ServiceError):
     """Too many failed authentications from this client address: 429 + Retry-After, the key is not even checked."""
 

@@ -24,7 +24,7 @@ from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 
 from service.config import Scope
-from service.errors import AuthThrottled, Unauthorized
+from service.errors import AuthThrottled, Forbidden, Unauthorized
 
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="aegis"'}
 log = structlog.get_logger("aegis.auth")
@@ -115,3 +115,12 @@ async def require_api_key(request: Request) -> None:
 
 def request_scope(request: Request) -> Scope:
     return getattr(request.state, "scope", None) or request.app.state.aegis.settings.default_scope
+
+
+async def require_full_scope(request: Request) -> None:
+    """For routes that reveal scores or thresholds (model manifest, decision record, metrics): a `coarse` key gets
+    403, or it could read there what its answers leave out."""
+    await require_api_key(request)
+    if request_scope(request) != "full":
+        raise Forbidden("this API key has the coarse scope: scores, thresholds and metrics need a key with the full "
+                        "scope")

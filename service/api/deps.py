@@ -11,7 +11,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from service.errors import NotReady
-from service.security import require_api_key
+from service.security import require_api_key, require_full_scope
 from service.state import ServiceState
 
 
@@ -29,3 +29,4 @@ async def get_ready_state(request: Request) -> ServiceState:
 StateDep = Annotated[ServiceState, Depends(get_state)]
 ReadyStateDep = Annotated[ServiceState, Depends(get_ready_state)]
 ApiKeyDep = Annotated[None, Depends(require_api_key)]
+FullScopeDep = Annotated[None, Depends(require_full_scope)]

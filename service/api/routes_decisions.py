@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 
-from service.api.deps import ApiKeyDep, StateDep
+from service.api.deps import FullScopeDep, StateDep
 from service.api.schemas import DecisionsPage, ErrorResponse
 from service.errors import NotReady, RecordDisabled
 from service.record.store import DecisionFilter, query_decisions
@@ -21,10 +21,10 @@ router = APIRouter(tags=["decision record"])
 
 
 @router.get("/v1/decisions", response_model=DecisionsPage,
-            responses={401: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+            responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
             summary="The decision record: every decision, oldest first, without patient data")
 async def decisions(
-    state: StateDep, _auth: ApiKeyDep,
+    state: StateDep, _auth: FullScopeDep,
     since: Annotated[datetime | None, Query(description="decided at or after (ISO 8601; no offset = UTC)")] = None,
     until: Annotated[datetime | None, Query(description="decided before (ISO 8601; no offset = UTC)")] = None,
     decision: Literal["accept", "reject"] | None = None,

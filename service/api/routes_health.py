@@ -9,7 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from service.api.deps import StateDep
 from service.api.schemas import ErrorResponse, Status
 from service.errors import ServiceError
-from service.security import require_api_key
+from service.security import require_full_scope
 
 router = APIRouter(tags=["operations"])
 
@@ -42,12 +42,12 @@ async def metrics_access(request: Request) -> None:
     if settings.metrics_port:
         raise MetricsElsewhere("metrics are served on a separate port (AEGIS_METRICS_PORT)")
     if settings.metrics_access == "key":
-        await require_api_key(request)
+        await require_full_scope(request)
 
 
 @router.get("/metrics", summary="Prometheus metrics (text exposition format; API key unless AEGIS_METRICS_ACCESS=open)",
             response_class=Response, dependencies=[Depends(metrics_access)],
             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}, 401: {"model": ErrorResponse},
-                       404: {"model": ErrorResponse}, 429: {"model": ErrorResponse}})
+                       403: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 429: {"model": ErrorResponse}})
 async def metrics(state: StateDep) -> Response:
     return Response(content=state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.api.deps import ApiKeyDep, ReadyStateDep
+from service.api.deps import FullScopeDep, ReadyStateDep
 from service.api.schemas import ErrorResponse, ModelResponse
 
 router = APIRouter(tags=["model"])
 
 
 @router.get("/v1/model", response_model=ModelResponse,
-            responses={401: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+            responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
             summary="The served bundle: manifest, model card, security report (null when the bundle has none)")
-async def model(state: ReadyStateDep, _auth: ApiKeyDep) -> ModelResponse:
+async def model(state: ReadyStateDep, _auth: FullScopeDep) -> ModelResponse:
     bundle = state.bundle
     return ModelResponse(
         bundle_digest=bundle.digest,

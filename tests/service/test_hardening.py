@@ -239,6 +239,9 @@ def test_exact_scores_only_for_keys_with_the_full_scope(bundle_dir, image_paths,
             coarse = harness.post_image(png_bytes(path), headers={"x-api-key": key}).json()
             assert set(coarse) == {"request_id", "diagnosis", "decision", "model", "input"}, coarse
             assert (coarse["diagnosis"], coarse["decision"]) == (expected["diagnosis"], expected["decision"])
+            for url in ("/v1/model", "/v1/decisions", "/metrics"):  # where the scores and thresholds are
+                assert harness.get(url, headers={"x-api-key": key}).status_code == 403, url
+                assert harness.get(url, headers={"x-api-key": "trusted-caller-key-01"}).status_code == 200, url
 
 
 def test_the_default_scope_applies_without_authentication(bundle_dir, image_paths, service):
