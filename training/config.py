@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_args
 
-from training.options import BpdaBackward, Dataset, Direction, ObjectiveName, Smoothing, check_literals
+from training.options import (BpdaBackward, ClassifierObjective, Dataset, Direction, ObjectiveName, Smoothing,
+                              check_literals)
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 DATA_FOLDERS = {"kermany": "kermany-pneumonia", "aptos": "aptos2019-dr"}
@@ -48,7 +49,9 @@ class TrainConfig:
     # features the attacker controls; 0 = standard training (the paper's)
     clf_adv_eps: float = 0.0
     clf_adv_steps: int = 5
-    clf_adv_fraction: float = 0.5  # share of each batch replaced by its PGD version (the rest stays clean)
+    clf_adv_fraction: float = 0.5  # pgd_at: share of each batch replaced by its PGD version (the rest stays clean)
+    clf_objective: ClassifierObjective = "pgd_at"  # trades / mart attack the whole batch (training.options)
+    clf_beta: float = 6.0  # trades / mart: weight of the KL robustness term (both papers' default)
     # Cushion (paper: JPEG quality 80)
     cushion: dict[str, Any] = field(default_factory=lambda: {"kind": "jpeg", "quality": 80})
     # Shield adversarial training (paper Eq. 3/4)
@@ -97,6 +100,8 @@ class TrainConfig:
                              f"several joined by '+', got {self.attack_objective!r}")
         if self.attack_bpda != "identity" and self.cushion.get("kind") != "jpeg":
             raise ValueError(f"attack_bpda={self.attack_bpda!r} needs a JPEG Cushion, got {self.cushion}")
+        if self.clf_objective != "pgd_at" and not self.clf_adv_eps > 0:
+            raise ValueError(f"clf_objective={self.clf_objective!r} is adversarial training: set clf_adv_eps > 0")
         if not 0 < self.eps_start <= self.eps_end:
             raise ValueError(f"need 0 < eps_start <= eps_end, got {self.eps_start}, {self.eps_end}")
 

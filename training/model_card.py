@@ -18,6 +18,11 @@ def _adversarial_training(training: dict) -> str:
     eps = training.get("clf_adv_eps") or 0
     if not eps:
         return ""
+    attack = f"PGD-{training.get('clf_adv_steps')} at {eps * 256:g}/256 on the whole batch"
+    if training.get("clf_objective") == "trades":
+        return f", adversarially with TRADES (Zhang et al. 2019, beta {training.get('clf_beta')}; {attack})"
+    if training.get("clf_objective") == "mart":
+        return f", adversarially with MART (Wang et al. 2020, beta {training.get('clf_beta')}; {attack})"
     return (f", adversarially (Madry et al.: {training.get('clf_adv_fraction', 0):.0%} of each batch replaced by "
             f"PGD-{training.get('clf_adv_steps')} images at {eps * 256:g}/256 towards the most likely wrong class)")
 

@@ -1,5 +1,6 @@
 """The training entry point end to end (tiny, real images), resume, presets, DDP, and a Shield that learns."""
 
+import copy
 import json
 import os
 import subprocess
@@ -8,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models.bundle import load_bundle
 from training.config import PRESETS_DIR, TrainConfig, load_config
@@ -110,7 +112,6 @@ def test_ddp_ranks_end_with_identical_weights(tmp_path, kermany_dir):
 def test_briefly_trained_shield_separates_clean_from_attacked(small_net, xray_data, tmp_path):
     """Adversarial training of the Shields on 600 real images, then clean vs PGD on 96 unseen ones (5 epochs: with
     3 the AUROC sat at the bar and moved across it with the thread count)."""
-    import copy
 
     from models.cushion import JpegCushion
     from training.attacks import Objective, PGDConfig, pgd
@@ -206,7 +207,6 @@ def test_the_shield_training_attacker_objective_is_chosen_by_config():
 def _training_attacker_calls(small_net, xray_data, tmp_path, monkeypatch, cfg, record) -> list:
     """Train Shields one epoch (4 batches of 32 images) with `cfg`, recording `record(objective, config, surrogate)`
     for every call of the training attacker; each attack must stay inside its budget."""
-    import copy
 
     import training.shields as shields_module
     from models.cushion import parse_cushion
@@ -286,3 +286,67 @@ def test_train_config_refuses_an_unknown_attack_objective():
     with pytest.raises(ValueError, match="attack_objective must be one of"):
         TrainConfig(attack_objective="n1+cw")
     assert TrainConfig(attack_objective="n1+ce").attack_objective == "n1+ce"
+
+
+def test_trades_and_mart_losses_match_their_formulas_written_out():
+    from training.classifier import mart_loss, trades_loss
+
+    clean = torch.tensor([[2.0, -1.0], [0.5, 0.3]])
+    adv = torch.tensor([[0.0, 1.0], [0.4, 0.6]])
+    y = torch.tensor([0, 1])
+    p, q = clean.softmax(1).numpy(), adv.softmax(1).numpy()
+    kl = (p * np.log(p / q)).sum(1)
+    ce_clean = -np.log(p[[0, 1], [0, 1]])
+    ce_adv = -np.log(q[[0, 1], [0, 1]])
+    wrong = q[[0, 1], [1, 0]]  # binary: the one wrong class
+    np.testing.assert_allclose(trades_loss(clean, adv, y, 6.0).numpy(), ce_clean + 6.0 * kl, rtol=1e-5)
+    expected_mart = ce_adv - np.log(1 - wrong) + 6.0 * kl * (1 - p[[0, 1], [0, 1]])
+    np.testing.assert_allclose(mart_loss(clean, adv, y, 6.0).numpy(), expected_mart, rtol=1e-5)
+    assert trades_loss(clean, clean, y, 6.0).allclose(F.cross_entropy(clean, y, reduction="none"))
+
+
+def test_the_trades_attacker_moves_the_prediction_further_than_random_noise_of_the_same_budget(small_net, xray_data):
+    from training.attacks import DivergenceObjective
+    from training.classifier import adversarial_batch
+
+    x, y = xray_data[0][:16], xray_data[1][:16]
+    cfg = TrainConfig(clf_adv_eps=8 / 256, clf_adv_steps=5, clf_objective="trades")
+    model = small_net.classifier.eval()
+    with torch.no_grad():
+        clean_probs = model(x).softmax(1)
+    x_adv = adversarial_batch(cfg, model, x, y, DivergenceObjective(clean_probs=clean_probs), fraction=1.0)
+    assert (x_adv - x).abs().max() <= 8 / 256 + 1e-6
+    noisy = (x + (torch.randint(0, 2, x.shape) * 2 - 1) * 8 / 256).clamp(0, 1)
+    with torch.no_grad():
+        def divergence(images):
+            return F.kl_div(model(images).log_softmax(1), clean_probs, reduction="none").sum(1).mean()
+        assert divergence(x_adv) > 2 * divergence(noisy)
+
+
+@pytest.mark.parametrize("objective", ["trades", "mart"])
+def test_a_robust_classifier_objective_trains_and_lowers_its_loss(objective, small_net, xray_data):
+    from training.classifier import classifier_loss
+
+    chosen = torch.randperm(len(xray_data[1]), generator=torch.Generator().manual_seed(0))[:32]  # both classes
+    x, y = xray_data[0][chosen], xray_data[1][chosen]
+    cfg = TrainConfig(clf_adv_eps=8 / 256, clf_adv_steps=3, clf_objective=objective)
+    model = copy.deepcopy(small_net.classifier).train()  # the fixture is shared: train a copy
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.005)
+    weight = torch.ones(2)
+    losses = []
+    for _ in range(4):
+        torch.manual_seed(0)  # the same random starts, so the loss curve reflects the weights
+        loss = classifier_loss(cfg, model, model, x, y, weight)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert model.training and np.isfinite(losses).all()
+    assert losses[-1] < losses[0]
+
+
+def test_a_robust_classifier_objective_needs_an_attack_budget():
+    with pytest.raises(ValueError, match="clf_adv_eps > 0"):
+        TrainConfig(clf_objective="trades")
+    with pytest.raises(ValueError, match="TrainConfig.clf_objective must be one of"):
+        TrainConfig(clf_objective="TRADES", clf_adv_eps=8 / 256)
