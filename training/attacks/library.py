@@ -204,9 +204,13 @@ def _apgd_wb(eps, steps, thresholds, kappa=10.0, restarts=1):
                         PGDConfig(eps=eps, steps=steps, optimiser="apgd", restarts=restarts))
 
 
-def _apgd_ce(eps, steps, thresholds, restarts=1):
-    return _engine_spec("apgd_ce", f"APGD (Croce & Hein 2020) on targeted CE, {steps} steps, ignores the Shield",
-                        Objective(), PGDConfig(eps=eps, steps=steps, optimiser="apgd", restarts=restarts))
+def _apgd_ce(eps, steps, thresholds, restarts=1, backward="identity"):
+    if backward not in ("identity", "diffjpeg"):
+        raise ValueError(f"apgd_ce: backward must be 'identity' or 'diffjpeg', got {backward!r}")
+    surrogate = (lambda cushion: DiffJpeg(jpeg_quality(cushion))) if backward == "diffjpeg" else None
+    return _engine_spec("apgd_ce", f"APGD (Croce & Hein 2020) on targeted CE, {steps} steps, BPDA {backward}, "
+                        "ignores the Shield", Objective(),
+                        PGDConfig(eps=eps, steps=steps, optimiser="apgd", restarts=restarts), surrogate)
 
 
 def _wb_diffjpeg(eps, steps, thresholds, kappa=10.0, restarts=1):
@@ -336,8 +340,8 @@ def build_attack(name: str, eps: float | None = None, steps: int | None = None, 
     `thresholds` (one Shield threshold per class) are required by the attacks on the Shield (wb, wbd, spgd, opgd,
     apgd_wb, wb_diffjpeg, wb_eot) and make success end-to-end for fea / hfc / transfer; the conventional attacks
     ignore them. Options per attack: restarts, kappa, momentum (mim), p (dim), kernel (tim), search_steps (cw_l2),
-    substitute (transfer_vgg16), guide_pool / layers (fea), guide_pool or mixtures, n_components, weight (hfc),
-    eot_samples, quality_spread, shift (wb_eot).
+    backward (apgd_ce: identity | diffjpeg), substitute (transfer_vgg16), guide_pool / layers (fea), guide_pool or
+    mixtures, n_components, weight (hfc), eot_samples, quality_spread, shift (wb_eot).
     """
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}; choose one of {sorted(ATTACKS)}")
