@@ -22,7 +22,7 @@ import hashlib
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from models.cushion import Cushion
 from models.imaging import InputSpec
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 MANIFEST = "manifest.json"
 ONNX_FILE = "aegis.onnx"
 WEIGHTS_FILE = "weights.pt"
@@ -61,6 +61,9 @@ class ArchitectureSpec(BaseModel):
     taps: tuple[int, ...] = Field(description="1-indexed residual blocks (ResNet) or ReLU layers (VGG) fed to Shields")
     tap_names: tuple[str, ...] = ()
     shield_width: int = Field(gt=0)
+    # "per_class": one Shield network per class (the paper's); "shared_trunk": one tap trunk, a head per class
+    # (models.networks.SharedTrunkShields). Schema 1.1; absent in 1.0 bundles, which are all per-class.
+    shield_kind: Literal["per_class", "shared_trunk"] = "per_class"
 
 
 class CalibrationSpec(BaseModel):

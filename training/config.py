@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_args
 
-from training.options import (BpdaBackward, ClassifierObjective, Dataset, Direction, ObjectiveName, Smoothing,
-                              check_literals)
+from training.options import (BpdaBackward, ClassifierObjective, Dataset, Direction, EpsSchedule, ObjectiveName,
+                              ShieldKind, Smoothing, check_literals)
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 DATA_FOLDERS = {"kermany": "kermany-pneumonia", "aptos": "aptos2019-dr"}
@@ -56,12 +56,16 @@ class TrainConfig:
     cushion: dict[str, Any] = field(default_factory=lambda: {"kind": "jpeg", "quality": 80})
     # Shield adversarial training (paper Eq. 3/4)
     shield_width: int = 32
+    shield_kind: ShieldKind = "per_class"  # or "shared_trunk": one tap trunk, a head per class (cheaper to serve)
     shield_epochs: int = 10
     shield_batch_size: int = 64
     shield_lr: float = 1e-3
     eps_start: float = 1 / 256  # epsilon curriculum 1/256 -> 16/256 (paper §4.1)
     eps_end: float = 16 / 256
     curriculum_epochs: int = 5  # epochs to ramp eps_start -> eps_end, then hold
+    # after the ramp: "curriculum" holds eps_end (the paper's); "uniform" draws each batch's budget from the grey
+    # levels eps_start..eps_end, so the Shields also learn to reject small perturbations (an attacker picks the budget)
+    eps_schedule: EpsSchedule = "curriculum"
     attack_steps: int = 7
     attack_step_size: float | None = None  # None: 2.5 * eps / attack_steps (engine default)
     # "wb": -S^t + J_cw (the evaluation's WB attack); "n1": CE on the (N+1)-class wrapper (the audit's wb_n1);

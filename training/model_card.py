@@ -27,6 +27,8 @@ def _adversarial_training(training: dict) -> str:
             f"PGD-{training.get('clf_adv_steps')} images at {eps * 256:g}/256 towards the most likely wrong class)")
 
 
+_SHIELD_KIND = {"per_class": "", "shared_trunk": " (one shared tap trunk, a head per class)"}
+_EPS_SCHEDULE = {"curriculum": "", "uniform": ", then each batch's budget drawn uniformly from those grey levels"}
 _BPDA_BACKWARD = {"identity": "an identity backward pass", "diffjpeg": "a differentiable-JPEG backward pass",
                   "mixed": "identity and differentiable-JPEG backward passes on alternate batches"}
 
@@ -55,12 +57,12 @@ def model_card(manifest: Manifest, metrics: dict, command: str) -> str:
   {manifest.input.channels}x{manifest.input.height}x{manifest.input.width} ({manifest.input.resize}), trained from
   {'scratch' if not manifest.training.get('pretrained') else 'local pretrained weights'}{_adversarial_training(manifest.training)}.
 - Cushion: `{manifest.cushion.describe()}` in front of the classifier.
-- Shield: one detector per class on taps {list(manifest.architecture.taps)} ({', '.join(manifest.architecture.tap_names)}),
+- Shield: one detector per class{_SHIELD_KIND[manifest.architecture.shield_kind]} on taps {list(manifest.architecture.taps)} ({', '.join(manifest.architecture.tap_names)}),
   width {manifest.architecture.shield_width}, adversarially trained for {manifest.training.get('shield_epochs')}
   epochs against a {manifest.training.get('attack_steps')}-step white-box attacker
   (objective `{manifest.training.get('attack_objective')}`, BPDA through the real Cushion with
   {_BPDA_BACKWARD[manifest.training.get('attack_bpda', 'identity')]}, ε curriculum
-  {manifest.training.get('eps_start', 0) * 256:.0f}/256 → {manifest.training.get('eps_end', 0) * 256:.0f}/256).
+  {manifest.training.get('eps_start', 0) * 256:.0f}/256 → {manifest.training.get('eps_end', 0) * 256:.0f}/256{_EPS_SCHEDULE[manifest.training.get('eps_schedule', 'curriculum')]}).
 - Decision: accept iff the Shield logit of the predicted class ≥ its threshold; thresholds
   {json.dumps({k: round(v, 4) for k, v in manifest.thresholds.items()})} reject
   {manifest.calibration.clean_rejection_rate:.0%} of clean {manifest.calibration.split} images per class.

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from models.bundle import ArchitectureSpec, CalibrationSpec, Manifest, threshold_array
+from models.bundle import CalibrationSpec, Manifest, threshold_array
 from models.cushion import parse_cushion
 from models.imaging import InputSpec
 from models.networks import AegisNet
@@ -73,8 +73,7 @@ def finish_bundle(cfg: TrainConfig, net: AegisNet, splits: dict[str, Split], dat
         name=cfg.name, version=cfg.version, classes=classes, input=spec, cushion=cfg.cushion,
         thresholds=thresholds,
         calibration=CalibrationSpec(clean_rejection_rate=cfg.clean_rejection_rate, split="val", counts=counts),
-        architecture=ArchitectureSpec(backbone=cfg.backbone, taps=tuple(net.classifier.taps),
-                                      tap_names=net.classifier.tap_names, shield_width=cfg.shield_width),
+        architecture=net.architecture(),
         training=cfg.to_dict(), data=data_info, metrics=metrics)
     return write_bundle(bundle_dir, net, manifest, model_card(manifest, metrics, command))
 

@@ -5,6 +5,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from models.bundle import load_bundle
+from models.cushion import JpegCushion
 from training.config import PRESETS_DIR, TrainConfig, load_config
 from training.train import main
 from tests.conftest import REPO
@@ -113,7 +116,6 @@ def test_briefly_trained_shield_separates_clean_from_attacked(small_net, xray_da
     """Adversarial training of the Shields on 600 real images, then clean vs PGD on 96 unseen ones (5 epochs: with
     3 the AUROC sat at the bar and moved across it with the thread count)."""
 
-    from models.cushion import JpegCushion
     from training.attacks import Objective, PGDConfig, pgd
     from training.data import Split
     from training.distributed import SINGLE_CPU
@@ -350,3 +352,40 @@ def test_a_robust_classifier_objective_needs_an_attack_budget():
         TrainConfig(clf_objective="trades")
     with pytest.raises(ValueError, match="TrainConfig.clf_objective must be one of"):
         TrainConfig(clf_objective="TRADES", clf_adv_eps=8 / 256)
+
+
+def test_uniform_budgets_cover_every_grey_level_after_the_ramp_and_leave_the_curriculum_alone():
+    from training.shields import batch_eps
+
+    curriculum = TrainConfig(curriculum_epochs=5)
+    uniform = TrainConfig(curriculum_epochs=5, eps_schedule="uniform")
+    generator = torch.Generator().manual_seed(0)
+    for epoch in range(4):  # the ramp is the same for both
+        assert batch_eps(uniform, epoch, generator) == batch_eps(curriculum, epoch, generator) == uniform.eps_at(epoch)
+    assert {batch_eps(curriculum, 7, generator) for _ in range(50)} == {16 / 256}
+    drawn = [batch_eps(uniform, 7, generator) for _ in range(2000)]
+    assert set(drawn) == {level / 256 for level in range(1, 17)}  # every grey level 1..16, nothing else
+    counts = np.bincount([round(d * 256) for d in drawn])[1:]
+    assert counts.min() > 0.5 * counts.mean()  # roughly uniform
+    with pytest.raises(ValueError, match="eps_schedule must be one of"):
+        TrainConfig(eps_schedule="random")
+
+
+def test_shared_trunk_shields_train_through_the_same_loop(small_net, xray_data):
+    from models.networks import build_aegis
+    from training.data import Split
+    from training.distributed import SINGLE_CPU
+    from training.shields import train_shields
+
+    net = build_aegis("resnet18", 2, 1, (32, 32), shield_width=16, shield_kind="shared_trunk")
+    net.classifier.load_state_dict(small_net.classifier.state_dict())
+    x, y = xray_data[0][:64], xray_data[1][:64]
+    split = Split((x * 255).round().byte().permute(0, 2, 3, 1).numpy(), y.numpy())
+    cfg = TrainConfig(shield_epochs=2, curriculum_epochs=1, attack_steps=2, shield_batch_size=32,
+                      shield_kind="shared_trunk", eps_schedule="uniform", attack_objective="n1")
+    before = [p.clone() for p in net.shields.parameters()]
+    history = {"classifier": [], "shield": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        train_shields(cfg, net, {"train": split}, JpegCushion(), SINGLE_CPU, Path(tmp), None, history)
+    assert len(history["shield"]) == 2 and all(np.isfinite(e["loss"]) for e in history["shield"])
+    assert all(not torch.equal(a, b) for a, b in zip(before, net.shields.parameters()))  # trunk and both heads learn
