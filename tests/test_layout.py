@@ -24,6 +24,7 @@ TRAINING_LAYERS = [
     ["training.attacks", "training.attacks.*"],
     ["training.inference", "training.runs", "training.export"],
     ["training.evaluate", "training.classifier", "training.shields"],
+    ["training.joint"],  # stage 3 builds on the Shield stage's attacker
     ["training.audit", "training.audit.*"],
     ["training.train"],
 ]

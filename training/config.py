@@ -82,6 +82,10 @@ class TrainConfig:
     # and a Gaussian filter (the transfer attack's DI + TI), so the Shields also see smooth, low-frequency
     # perturbations like those a transfer attack makes; "none": plain gradients only
     attack_smoothing: Smoothing = "none"
+    # stage 3 (optional): classifier + Shields fine-tuned together against the (N+1)-class attacker (training.joint)
+    joint_epochs: int = 0
+    joint_lr: float = 1e-4
+    joint_adv_weight: float = 1.0  # weight of -log(p_right + p_reject) on the attacked images
     # calibration
     clean_rejection_rate: float = 0.05
     # evaluation written into the bundle (CPU scale by default; the paper uses the whole test split)

@@ -27,6 +27,14 @@ def _adversarial_training(training: dict) -> str:
             f"PGD-{training.get('clf_adv_steps')} images at {eps * 256:g}/256 towards the most likely wrong class)")
 
 
+def _joint_stage(training: dict) -> str:
+    if not training.get("joint_epochs"):
+        return ""
+    return (f"- Then classifier and Shields fine-tuned together for {training['joint_epochs']} epochs against the same "
+            "attacker, each attack to be classified correctly or rejected (reject as class N+1), clean accuracy "
+            "held by a clean term.\n")
+
+
 _SHIELD_KIND = {"per_class": "", "shared_trunk": " (one shared tap trunk, a head per class)"}
 _EPS_SCHEDULE = {"curriculum": "", "uniform": ", then each batch's budget drawn uniformly from those grey levels"}
 _BPDA_BACKWARD = {"identity": "an identity backward pass", "diffjpeg": "a differentiable-JPEG backward pass",
@@ -63,7 +71,7 @@ def model_card(manifest: Manifest, metrics: dict, command: str) -> str:
   (objective `{manifest.training.get('attack_objective')}`, BPDA through the real Cushion with
   {_BPDA_BACKWARD[manifest.training.get('attack_bpda', 'identity')]}, ε curriculum
   {manifest.training.get('eps_start', 0) * 256:.0f}/256 → {manifest.training.get('eps_end', 0) * 256:.0f}/256{_EPS_SCHEDULE[manifest.training.get('eps_schedule', 'curriculum')]}).
-- Decision: accept iff the Shield logit of the predicted class ≥ its threshold; thresholds
+{_joint_stage(manifest.training)}- Decision: accept iff the Shield logit of the predicted class ≥ its threshold; thresholds
   {json.dumps({k: round(v, 4) for k, v in manifest.thresholds.items()})} reject
   {manifest.calibration.clean_rejection_rate:.0%} of clean {manifest.calibration.split} images per class.
 

@@ -1,5 +1,5 @@
-"""Train a defended Medical Aegis bundle: classifier -> adversarially trained Shields -> calibration -> evaluation
--> export (`models/bundle.py`).
+"""Train a defended Medical Aegis bundle: classifier -> adversarially trained Shields -> (optionally) both fine-tuned
+together (`joint_epochs`) -> calibration -> evaluation -> export (`models/bundle.py`).
 
 Single process (the CPU preset that builds the embedded default bundle, ~1 hour on 2 cores):
 
@@ -35,6 +35,7 @@ from training.data import CLASSES, Split, load_data
 from training.distributed import setup_worker
 from training.evaluate import attack_metrics, attack_suite, calibrate, clean_metrics
 from training.export import round_to_half, write_bundle
+from training.joint import train_jointly
 from training.model_card import model_card
 from training.runs import load_checkpoint, load_finished_classifier, load_finished_run, network_for, start_run
 from training.shields import train_shields
@@ -135,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         log.info("classifier taken from %s (%d epochs)", args.classifier_from, len(history["classifier"]))
     elif checkpoint is None or checkpoint["stage"] == "classifier":
         train_classifier(cfg, net, splits, cushion, worker, out, checkpoint, history)
-    train_shields(cfg, net, splits, cushion, worker, out, checkpoint, history)
+    if checkpoint is None or checkpoint["stage"] != "joint":
+        train_shields(cfg, net, splits, cushion, worker, out, checkpoint, history)
+    if cfg.joint_epochs > 0:
+        train_jointly(cfg, net, splits, cushion, worker, out, checkpoint, history)
     if worker.world > 1:
         dist.barrier()
     if args.save_rank_weights:

@@ -389,3 +389,42 @@ def test_shared_trunk_shields_train_through_the_same_loop(small_net, xray_data):
         train_shields(cfg, net, {"train": split}, JpegCushion(), SINGLE_CPU, Path(tmp), None, history)
     assert len(history["shield"]) == 2 and all(np.isfinite(e["loss"]) for e in history["shield"])
     assert all(not torch.equal(a, b) for a, b in zip(before, net.shields.parameters()))  # trunk and both heads learn
+
+
+def test_right_or_rejected_is_the_log_probability_of_the_two_good_outcomes_written_out():
+    from training.joint import right_or_rejected
+
+    logits = torch.tensor([[2.0, 0.5], [0.1, 1.5]])
+    shields = torch.tensor([[0.7, -3.0], [0.2, -1.2]])  # image 0: class 0 accepted; image 1: class 1 rejected
+    y = torch.tensor([1, 0])
+    z, s = logits.numpy(), shields.numpy()
+    k = z.argmax(1)
+    view = np.c_[z, z.max(1) + (0.0 - s[[0, 1], k])]  # the rejected logit at thresholds 0
+    p = np.exp(view) / np.exp(view).sum(1, keepdims=True)
+    expected = np.log(p[[0, 1], [1, 0]] + p[:, 2])
+    np.testing.assert_allclose(right_or_rejected(logits, shields, y).numpy(), expected, rtol=1e-5)
+
+
+def test_joint_stage_moves_classifier_and_shields_and_keeps_batchnorm_statistics(small_net, xray_data):
+    from training.data import Split
+    from training.distributed import SINGLE_CPU
+    from training.joint import train_jointly
+
+    net = copy.deepcopy(small_net)
+    chosen = torch.randperm(len(xray_data[1]), generator=torch.Generator().manual_seed(1))[:64]
+    x, y = xray_data[0][chosen], xray_data[1][chosen]
+    split = Split((x * 255).round().byte().permute(0, 2, 3, 1).numpy(), y.numpy())
+    cfg = TrainConfig(joint_epochs=1, attack_steps=2, shield_batch_size=32, attack_objective="n1")
+    weights = {k: v.clone() for k, v in net.state_dict().items()}
+    history = {"classifier": [], "shield": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        train_jointly(cfg, net, {"train": split}, JpegCushion(), SINGLE_CPU, Path(tmp), None, history)
+        assert torch.load(Path(tmp) / "checkpoint.pt", weights_only=False)["stage"] == "joint"
+    entry, = history["joint"]
+    assert np.isfinite(entry["loss"]) and 0 <= entry["adv_right_or_rejected"] <= 1
+    after = net.state_dict()
+    assert not torch.equal(after["classifier.head.2.weight"], weights["classifier.head.2.weight"])
+    assert not torch.equal(after["shields.0.head.2.weight"], weights["shields.0.head.2.weight"])
+    for name in after:  # frozen BatchNorm: its running statistics are the classifier stage's
+        if "running_" in name:
+            assert torch.equal(after[name], weights[name]), name

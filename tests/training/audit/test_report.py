@@ -84,5 +84,5 @@ def test_every_adaptive_attack_with_a_cw_margin_gets_the_bundles_kappa():
     from training.audit.attacks import CONVENTIONAL, TAKES_BUNDLE_KAPPA
 
     with_margin = {name for name, entry in ATTACKS.items() if "kappa" in inspect.signature(entry.build).parameters}
-    assert TAKES_BUNDLE_KAPPA == with_margin - CONVENTIONAL - {"hfc", "hfc_cw"}
+    assert TAKES_BUNDLE_KAPPA == with_margin - CONVENTIONAL - {"hfc", "hfc_cw", "hfc_ref"}  # HFC: its own kappa 100
     assert "kappa=3" in make_attack("wb", eps=16 / 256, steps=5, thresholds=torch.zeros(2), kappa=3.0).spec.description
