@@ -166,7 +166,7 @@ def _dicom_image(ds, max_pixels: int) -> DecodedImage:
     frames = _dicom_int(ds, "NumberOfFrames", 1)
     _check_pixels(columns, rows, max_pixels, max(frames, 1))
     if frames > 1:
-        raise UnsupportedImage(f"multi-frame DICOM ({frames} frames) is not supported: send a single frame")
+        raise UnsupportedImage(f"multi-frame DICOM ({frames} frames) is not supported: send one frame")
     _check_transfer_syntax(ds)
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     samples = _dicom_int(ds, "SamplesPerPixel", 1)
@@ -216,7 +216,8 @@ def _refuse_without_pixels(ds) -> None:
     name = sop_class.name if sop_class.name != str(sop_class) else ""
     if not name or "Image" in name:
         raise UndecodableImage("the DICOM file has no pixel data")
-    raise NotAnImage(f"DICOM SOP class {sop_class} ({name}) is not an image: nothing to diagnose")
+    # the name first: a C-STORE Error Comment keeps 64 characters
+    raise NotAnImage(f"{name} is not an image: nothing to diagnose (DICOM SOP class {sop_class})")
 
 
 def decodable_transfer_syntaxes() -> list[str]:

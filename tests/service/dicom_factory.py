@@ -83,3 +83,14 @@ def make_document(kind: str = "pdf") -> bytes:
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def undecodable_transfer_syntax():
+    """A compressed transfer syntax no installed pydicom decoder reads (None when the decoders of every candidate are
+    installed, e.g. with the `dicom-codecs` extra)."""
+    from pydicom.uid import JPEGLosslessSV1, JPEGLSLossless
+
+    from service.decode import decodable_transfer_syntaxes
+
+    usable = set(decodable_transfer_syntaxes())
+    return next((uid for uid in (JPEGLSLossless, JPEGLosslessSV1) if uid not in usable), None)

@@ -15,12 +15,11 @@ import pydicom
 import pytest
 import requests
 from PIL import Image
-from pydicom.uid import JPEGLSLossless
 from sqlalchemy import create_engine, text
 
 from service.api.routes_dicomweb import PRIVATE, PRIVATE_CREATOR, PRIVATE_GROUP
 from tests.service.conftest import SAMPLES, png_bytes, serve
-from tests.service.dicom_factory import PATIENT, make_dicom, make_document
+from tests.service.dicom_factory import PATIENT, make_dicom, make_document, undecodable_transfer_syntax
 
 KEY = "stow-test-key-7"
 BOUNDARY = "aegis-test-boundary"
@@ -122,13 +121,16 @@ def test_dicomweb_client_stores_instances_and_gets_the_diagnose_answers(live, im
 def test_every_bad_instance_is_refused_with_its_reason_beside_the_good_ones(live, image_paths):
     harness, url = live
     png = np.asarray(Image.open(image_paths[0]).convert("L"))
+    compressed = undecodable_transfer_syntax()
+    if compressed is None:
+        pytest.skip("every compressed transfer syntax has a decoder here")
     parts = {
         "good": make_dicom(png),
         "multi-frame": make_dicom(np.stack([png, png]), frames=2),
         "pdf": make_document("pdf"),
         "sr": make_document("sr"),
-        "jpeg-ls": make_dicom(None, transfer_syntax=JPEGLSLossless, encapsulated=b"\xff\xd8" * 20,
-                              rows_cols=png.shape),
+        "compressed": make_dicom(None, transfer_syntax=compressed, encapsulated=b"\xff\xd8" * 20,
+                                 rows_cols=png.shape),
         "garbage": b"not a dicom file at all",
         "truncated": make_dicom(png)[:700],
     }
@@ -145,7 +147,7 @@ def test_every_bad_instance_is_refused_with_its_reason_beside_the_good_ones(live
         "multi-frame": (0xC000, "unsupported_image", "multi-frame"),
         "pdf": (0x0122, "not_an_image", "Encapsulated PDF Storage"),
         "sr": (0x0122, "not_an_image", "Basic Text SR Storage"),
-        "jpeg-ls": (0xC122, "unsupported_media_type", "JPEG-LS Lossless"),
+        "compressed": (0xC122, "unsupported_media_type", "no decoder plugin"),
         "garbage": (0xC000, "unsupported_media_type", "unrecognised image bytes"),
         "truncated": (0xC000, "undecodable", "DICOM"),
     }
@@ -153,7 +155,7 @@ def test_every_bad_instance_is_refused_with_its_reason_beside_the_good_ones(live
         item = failed[name]
         assert item.FailureReason == status, name
         assert private(item)["reason"] == reason and words in private(item)["detail"], name
-    for name in ("multi-frame", "pdf", "sr", "jpeg-ls"):  # readable headers: the instance is named
+    for name in ("multi-frame", "pdf", "sr", "compressed"):  # readable headers: the instance is named
         assert failed[name].ReferencedSOPInstanceUID == pydicom.dcmread(io.BytesIO(parts[name])).SOPInstanceUID
     assert "ReferencedSOPInstanceUID" not in failed["garbage"]
     assert harness.sample("aegis_request_errors_total", {"reason": "not_an_image"}) == errors_before + 2
