@@ -32,8 +32,15 @@ import uuid
 
 import structlog
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
 
+from service.__main__ import checked_settings
+from service.decode import decodable_transfer_syntaxes
 from service.dicom_store import diagnose_instance
+from service.logs import configure_logging
+from service.main import new_state, start_state, stop_state
 from service.state import ServiceState
 
 log = structlog.get_logger("aegis.dicom_node")
@@ -47,11 +54,6 @@ class DicomNode:
     for its outcome, so that concurrent senders share the micro-batcher like concurrent HTTP requests do."""
 
     def __init__(self, state: ServiceState, loop: asyncio.AbstractEventLoop):
-        from pynetdicom import AE, AllStoragePresentationContexts, evt
-        from pynetdicom.sop_class import Verification
-
-        from service.decode import decodable_transfer_syntaxes
-
         settings = state.settings
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO lines name SOP instances
         if not settings.dicom_allowed_calling_aets and not settings.dicom_allow_any_calling_aet:
@@ -114,9 +116,14 @@ class DicomNode:
         return 0x0000 if outcome.ok else _status(outcome.status, outcome.detail or outcome.reason or "")
 
     def _on_accepted(self, event) -> None:
-        refused = [(cx.abstract_syntax, cx.transfer_syntax) for cx in event.assoc.rejected_contexts]
-        log.info("dicom_association", outcome="accepted", calling_ae=event.assoc.requestor.ae_title,
-                 **({"rejected_contexts": _context_names(refused)} if refused else {}))
+        rejected = event.assoc.rejected_contexts
+        # named: contexts refused for their transfer syntaxes (compressed, no decoder here); counted: SOP classes
+        # that are not storage classes of this node (senders propose many, e.g. retired print classes)
+        syntaxes = [(cx.abstract_syntax, cx.transfer_syntax) for cx in rejected if cx.result == 0x04]
+        fields = {"rejected_transfer_syntaxes": _context_names(syntaxes)} if syntaxes else {}
+        if len(rejected) > len(syntaxes):
+            fields["rejected_sop_classes"] = len(rejected) - len(syntaxes)
+        log.info("dicom_association", outcome="accepted", calling_ae=event.assoc.requestor.ae_title, **fields)
 
     def _on_rejected(self, event) -> None:
         log.warning("dicom_association", outcome="rejected", calling_ae=event.assoc.requestor.ae_title,
@@ -134,8 +141,6 @@ def _status(code: int, comment: str) -> Dataset:
 
 def _context_names(contexts: list[tuple[str, list[str]]]) -> list[str]:
     """'SOP class: transfer syntaxes' of the presentation contexts a sender proposed and the node rejected."""
-    from pydicom.uid import UID
-
     return [f"{UID(sop).name}: {', '.join(UID(ts).name for ts in syntaxes)}" for sop, syntaxes in contexts]
 
 
@@ -143,8 +148,6 @@ def _context_names(contexts: list[tuple[str, list[str]]]) -> list[str]:
 
 async def serve(settings, ready: threading.Event | None = None) -> None:
     """Start the pipeline and the node; run until SIGTERM / SIGINT; stop the node, then the pipeline."""
-    from service.main import new_state, start_state, stop_state
-
     state = new_state(settings)
     await start_state(state)
     stopping = asyncio.Event()
@@ -185,9 +188,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from service.__main__ import checked_settings
-    from service.logs import configure_logging
-
     args = get_args_parser().parse_args(argv)
     names = {"host": "dicom_host", "port": "dicom_port", "ae_title": "dicom_ae_title", "bundle": "bundle_dir",
              "log_level": "log_level"}

@@ -130,7 +130,7 @@ def test_a_transfer_syntax_without_decoder_is_refused_at_negotiation(node, image
         finally:
             assoc.release()
     (accepted,) = [entry for entry in logs if entry["event"] == "dicom_association"]
-    assert accepted["rejected_contexts"] == [f"Secondary Capture Image Storage: {compressed.name}"]
+    assert accepted["rejected_transfer_syntaxes"] == [f"Secondary Capture Image Storage: {compressed.name}"]
 
 
 @pytest.mark.parametrize("calling, called", [("STRANGER", "AEGIS"), (CALLER, "SOMEONE_ELSE")])
