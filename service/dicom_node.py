@@ -27,7 +27,6 @@ import asyncio
 import logging
 import signal
 import sys
-import threading
 import uuid
 
 import structlog
@@ -146,7 +145,7 @@ def _context_names(contexts: list[tuple[str, list[str]]]) -> list[str]:
 
 # --- python -m service.dicom_node ----------------------------------------------------------------------------------
 
-async def serve(settings, ready: threading.Event | None = None) -> None:
+async def serve(settings) -> None:
     """Start the pipeline and the node; run until SIGTERM / SIGINT; stop the node, then the pipeline."""
     state = new_state(settings)
     await start_state(state)
@@ -165,8 +164,6 @@ async def serve(settings, ready: threading.Event | None = None) -> None:
         log.info("dicom_node_ready", ae_title=settings.dicom_ae_title, host=host, port=port,
                  allowed_calling_aets=list(settings.dicom_allowed_calling_aets) or "any",
                  metrics_port=settings.dicom_metrics_port or None)
-        if ready is not None:
-            ready.set()
         await stopping.wait()
         log.info("dicom_node_stopping")
     finally:

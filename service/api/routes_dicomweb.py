@@ -33,6 +33,10 @@ from service.state import ServiceState
 
 router = APIRouter(tags=["DICOMweb"])
 DICOM_JSON = "application/dicom+json"
+
+
+class DicomJSONResponse(JSONResponse):
+    media_type = DICOM_JSON  # exactly, without parameters: dicomweb-client compares the whole header
 PRIVATE_GROUP, PRIVATE_CREATOR = 0x0009, "MEDICAL AEGIS"
 # element offsets in the private block: (keyword for the docs, VR)
 PRIVATE = {
@@ -66,9 +70,9 @@ RESPONSES = {
 }
 
 
-@router.post("/v1/studies", responses=RESPONSES, openapi_extra=OPENAPI_BODY, response_class=JSONResponse,
+@router.post("/v1/studies", responses=RESPONSES, openapi_extra=OPENAPI_BODY, response_class=DicomJSONResponse,
              summary="DICOMweb STOW-RS: diagnose every DICOM instance of a multipart/related request")
-async def store_instances(request: Request, state: ReadyStateDep, _auth: ApiKeyDep) -> JSONResponse:
+async def store_instances(request: Request, state: ReadyStateDep, _auth: ApiKeyDep) -> DicomJSONResponse:
     boundary = _boundary(request.headers.get("content-type", ""))
     parts = await _read_parts(request, boundary, state.settings.dicomweb_max_instances)
     request_id = request.state.request_id
@@ -87,8 +91,8 @@ async def store_instances(request: Request, state: ReadyStateDep, _auth: ApiKeyD
         status, headers = 503, {"Retry-After": str(state.settings.retry_after_seconds)}
     else:
         status = 409
-    return JSONResponse(_response_dataset(state, outcomes).to_json_dict(), status_code=status,
-                        media_type=DICOM_JSON, headers=headers)
+    return DicomJSONResponse(_response_dataset(state, outcomes).to_json_dict(), status_code=status,
+                             headers=headers)
 
 
 def _boundary(content_type: str) -> bytes:

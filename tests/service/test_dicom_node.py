@@ -8,6 +8,7 @@ import io
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -17,10 +18,10 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import (BasicTextSRStorage, EncapsulatedPDFStorage, SecondaryCaptureImageStorage,
                                   Verification)
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from sqlalchemy import create_engine, text
 
 from service.dicom_node import DicomNode
@@ -183,15 +184,17 @@ def test_no_patient_data_in_the_logs_or_the_record(bundle_dir, image_paths, tmp_
 
 
 def test_python_m_service_dicom_node_serves_records_and_stops_cleanly(bundle_dir, image_paths, tmp_path):
+    import httpx
+
     record = tmp_path / "records.sqlite"
+    with socket.socket() as probe:  # a free port for the node's /metrics
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
     env = {**os.environ, "AEGIS_BUNDLE_DIR": str(bundle_dir), "AEGIS_DICOM_PORT": "0",
+           "AEGIS_DICOM_METRICS_PORT": str(metrics_port),
            "AEGIS_DICOM_HOST": "127.0.0.1", "AEGIS_DICOM_AE_TITLE": "AEGIS_TEST", "AEGIS_INTRA_OP_THREADS": "1",
            "AEGIS_RECORD_URL": f"sqlite:///{record}", "AEGIS_DICOM_ALLOWED_CALLING_AETS": CALLER}
     env.pop("AEGIS_DICOM_ALLOW_ANY_CALLING_AET", None)
-    refused = subprocess.run([sys.executable, "-m", "service.dicom_node"], cwd=REPO, capture_output=True, text=True,
-                             env={**env, "AEGIS_DICOM_ALLOWED_CALLING_AETS": ""}, timeout=60)
-    assert refused.returncode == 2 and "AEGIS_DICOM_ALLOWED_CALLING_AETS" in refused.stderr
-
     process = subprocess.Popen([sys.executable, "-m", "service.dicom_node"], cwd=REPO, env=env, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -206,6 +209,8 @@ def test_python_m_service_dicom_node_serves_records_and_stops_cleanly(bundle_dir
         assert assoc.send_c_echo().Status == 0x0000
         assert assoc.send_c_store(dataset(make_dicom(images(image_paths)[0]))).Status == 0x0000
         assoc.release()
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        assert 'aegis_diagnoses_total{' in metrics and "aegis_ready 1.0" in metrics
         process.send_signal(signal.SIGTERM)
         rest, _ = process.communicate(timeout=60)
     finally:
@@ -219,8 +224,13 @@ def test_python_m_service_dicom_node_serves_records_and_stops_cleanly(bundle_dir
     assert rows == [("c-store", "dicom")]  # written by the shutdown flush at the latest
 
 
-def test_the_node_needs_an_explicit_caller_policy(bundle_dir):
+def test_the_node_needs_an_explicit_caller_policy(bundle_dir, monkeypatch, capsys):
+    from service.dicom_node import main
     from service.main import new_state
 
     with pytest.raises(ValueError, match="AEGIS_DICOM_ALLOWED_CALLING_AETS"):
         DicomNode(new_state(make_settings(bundle_dir)), None)
+    for name in ("AEGIS_DICOM_ALLOWED_CALLING_AETS", "AEGIS_DICOM_ALLOW_ANY_CALLING_AET"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["--bundle", str(bundle_dir)]) == 2
+    assert "AEGIS_DICOM_ALLOWED_CALLING_AETS" in capsys.readouterr().err
