@@ -13,6 +13,7 @@ import asyncio
 from dataclasses import dataclass
 
 import structlog
+from pydicom.uid import UID
 
 from service import diagnosis
 from service.decode import dicom_uids
@@ -74,8 +75,6 @@ async def diagnose_instance(state: ServiceState, data: bytes, *, request_id: str
 
 
 def _count_and_log(state: ServiceState, outcome: InstanceOutcome, **fields) -> None:
-    from pydicom.uid import UID
-
     if outcome.sop_class_uid is not None:
         fields["sop_class"] = UID(outcome.sop_class_uid).name
     if outcome.ok:
