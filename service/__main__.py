@@ -59,6 +59,28 @@ class DrainingServer(uvicorn.Server):
             self._captured_signals.clear()
 
 
+def checked_settings(overrides: dict) -> Settings | None:
+    """The settings (environment + `overrides`) and a loadable bundle, or None after one clear line per problem on
+    stderr: fail before binding a port."""
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as error:  # never echo the input: it may hold API keys
+        for problem in error.errors(include_url=False, include_input=False):
+            where = ".".join(str(part) for part in problem["loc"])
+            print(f"invalid settings: {'AEGIS_' + where.upper() + ': ' if where else ''}{problem['msg']}",
+                  file=sys.stderr)
+        return None
+
+    from models.bundle import BundleError, load_bundle  # local import: settings errors first, before heavy imports
+
+    try:
+        load_bundle(settings.bundle_dir)
+    except BundleError as error:
+        print(f"cannot serve: {error}", file=sys.stderr)
+        return None
+    return settings
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,21 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["auth_disabled"] = True
     if args.log_level is not None:
         overrides["log_level"] = args.log_level
-    try:
-        settings = Settings(**overrides)
-    except ValidationError as error:  # never echo the input: it may hold API keys
-        for problem in error.errors(include_url=False, include_input=False):
-            where = ".".join(str(part) for part in problem["loc"])
-            print(f"invalid settings: {'AEGIS_' + where.upper() + ': ' if where else ''}{problem['msg']}",
-                  file=sys.stderr)
-        return 2
-
-    from models.bundle import BundleError, load_bundle  # local import: settings errors first, before heavy imports
-
-    try:  # fail before binding the port, with one clear line
-        load_bundle(settings.bundle_dir)
-    except BundleError as error:
-        print(f"cannot serve: {error}", file=sys.stderr)
+    settings = checked_settings(overrides)
+    if settings is None:
         return 2
 
     from service.main import create_app  # local import: imports ONNX Runtime, only once the bundle is known good

@@ -19,7 +19,8 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from models.bundle import Bundle, load_bundle
-from service.api import routes_decisions, routes_diagnose, routes_health, routes_model, routes_oip
+from service.api import (routes_decisions, routes_diagnose, routes_dicomweb, routes_health, routes_model,
+                         routes_oip)
 from service.api.errors import register_error_handlers
 from service.batching import BatchFn, MicroBatcher, inference_executor
 from service.config import Settings
@@ -48,18 +49,16 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
     settings = settings if settings is not None else Settings()
     if configure_logs:
         configure_logging(settings.log_level)
-    metrics = ServiceMetrics(registry, max_batch_size=settings.max_batch_size)
-    state = ServiceState(settings=settings, metrics=metrics,
-                         api_keys=() if settings.auth_disabled else settings.all_api_keys())
-    metrics.ready.set_function(lambda: float(state.serving))
+    state = new_state(settings, registry)
+    metrics = state.metrics
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await _start(state, runner_factory)
+        await start_state(state, runner_factory)
         try:
             yield
         finally:
-            await _stop(state)
+            await stop_state(state)
 
     app = FastAPI(
         title="Medical Aegis",
@@ -71,7 +70,7 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
     app.state.aegis = state
     app.state.metrics = metrics
     register_error_handlers(app)
-    for module in (routes_diagnose, routes_decisions, routes_model, routes_health, routes_oip):
+    for module in (routes_diagnose, routes_dicomweb, routes_decisions, routes_model, routes_health, routes_oip):
         app.include_router(module.router)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_upload_bytes)
     if settings.auth_disabled:
@@ -79,7 +78,18 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
     return app
 
 
-async def _start(state: ServiceState, runner_factory: RunnerFactory) -> None:
+def new_state(settings: Settings, registry: CollectorRegistry | None = None) -> ServiceState:
+    """What a service holds before start-up: settings, metrics (on `registry`, a fresh one when None), keys."""
+    metrics = ServiceMetrics(registry, max_batch_size=settings.max_batch_size)
+    state = ServiceState(settings=settings, metrics=metrics,
+                         api_keys=() if settings.auth_disabled else settings.all_api_keys())
+    metrics.ready.set_function(lambda: float(state.serving))
+    return state
+
+
+async def start_state(state: ServiceState, runner_factory: RunnerFactory = default_runner) -> None:
+    """Load, check and warm up the bundle, open the decision record, start the batcher (the HTTP app's lifespan and
+    the DICOM node both start this way)."""
     settings, metrics = state.settings, state.metrics
     inference = state.inference_executor = inference_executor()
     loop = asyncio.get_running_loop()
@@ -117,7 +127,7 @@ async def _start(state: ServiceState, runner_factory: RunnerFactory) -> None:
              auth="disabled" if settings.auth_disabled else "api_key")
 
 
-async def _stop(state: ServiceState) -> None:
+async def stop_state(state: ServiceState) -> None:
     state.start_draining()
     state.ready = False
     if state.batcher is not None:

@@ -4,11 +4,13 @@ The monitoring dashboards and alerts are built on exactly these names (namespace
 
     aegis_requests_total{route, status}             counter: HTTP requests by route template and status code
     aegis_request_duration_seconds{route}           histogram: end-to-end latency by route template
-    aegis_request_errors_total{reason}              counter: refused requests by reason (payload_too_large,
+    aegis_request_errors_total{reason}              counter: refused requests, and refused DICOM instances
+                                                    (STOW-RS, C-STORE), by reason (payload_too_large,
                                                     too_many_pixels, unsupported_media_type, undecodable,
                                                     unsupported_image, empty_body, missing_file, unauthorized,
                                                     not_ready, overloaded, timeout, inference_failed,
-                                                    invalid_request, internal, http, record_disabled)
+                                                    invalid_request, internal, http, record_disabled,
+                                                    malformed_multipart, not_an_image)
     aegis_diagnoses_total{diagnosis, decision}      counter: answered diagnoses; decision = accept | reject
     aegis_shield_logit{predicted_class}             histogram: the predicted class's Shield logit (high = clean);
                                                     its buckets are negative too, so (OpenMetrics) it has _bucket
