@@ -68,7 +68,8 @@ def recompute(bundle: Bundle, data_dir: str | None = None, tolerance: float = 1e
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, default=None, help="bundle folder (default: the embedded one)")
-    parser.add_argument("--data-dir", help="dataset folder (default: the bundle's training data path)")
+    parser.add_argument("--data-dir", help="dataset folder (default: the data_dir of the bundle's training config, "
+                                           "else $AEGIS_DATA_DIR or ../shared/data)")
     parser.add_argument("--write", action="store_true", help="store the distribution in the bundle and re-hash it")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
