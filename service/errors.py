@@ -101,3 +101,9 @@ class RecordDisabled(ServiceError):
     """GET /v1/decisions on a service started with AEGIS_RECORD_ENABLED=false."""
 
     status, reason = 503, "record_disabled"
+
+
+class DocumentMissing(ServiceError):
+    """A bundle document (e.g. the security report) that the served bundle does not carry."""
+
+    status, reason = 404, "document_missing"

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from models.bundle import Bundle, load_bundle
 from service.api import (routes_decisions, routes_diagnose, routes_dicomweb, routes_health, routes_model,
-                         routes_oip)
+                         routes_oip, routes_review)
 from service.api.errors import register_error_handlers
 from service.batching import BatchFn, MicroBatcher, inference_executor
 from service.config import Settings
@@ -70,8 +70,10 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
     app.state.aegis = state
     app.state.metrics = metrics
     register_error_handlers(app)
-    for module in (routes_diagnose, routes_dicomweb, routes_decisions, routes_model, routes_health, routes_oip):
+    for module in (routes_diagnose, routes_dicomweb, routes_decisions, routes_model, routes_health, routes_oip,
+                   routes_review):
         app.include_router(module.router)
+    app.mount("/static", routes_review.static_files(), name="static")
     app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_upload_bytes)
     if settings.auth_disabled:
         log.warning("auth_disabled", detail="API keys are not checked: local use only")

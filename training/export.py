@@ -20,7 +20,8 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from models.bundle import CARD_FILE, ONNX_FILE, WEIGHTS_FILE, Bundle, Manifest, write_manifest
+from models.bundle import (CARD_FILE, ONNX_FILE, SCHEMA_VERSION, WEIGHTS_FILE, Bundle, CalibrationSpec, Manifest,
+                           write_manifest)
 from models.imaging import InputSpec
 from models.networks import AegisNet
 
@@ -125,14 +126,21 @@ def write_bundle(bundle_dir: Path, net: AegisNet, manifest: Manifest, card: str,
 
 
 def update_bundle(bundle: Bundle, *, card: str | None = None, metrics: dict | None = None,
-                  reports: dict[str, str] | None = None, files: dict[str, bytes] | None = None) -> Manifest:
+                  reports: dict[str, str] | None = None, files: dict[str, bytes] | None = None,
+                  calibration: CalibrationSpec | None = None) -> Manifest:
     """Write `files` (name -> content) and the new `card` into an existing bundle, merge `reports` (manifest key ->
-    file name) and replace `metrics` in its manifest, and re-hash every file."""
+    file name), replace `metrics` and `calibration` in its manifest, and re-hash every file. The manifest is
+    written at this code's schema version (minor versions only add optional fields)."""
     for name, content in (files or {}).items():
         (bundle.root / name).write_bytes(content)
     if card is not None:
         (bundle.root / CARD_FILE).write_text(card, encoding="utf-8")
-    update = {}
+    update: dict = {"schema_version": SCHEMA_VERSION}
+    if calibration is not None:
+        if calibration.counts != bundle.manifest.calibration.counts or \
+                calibration.clean_rejection_rate != bundle.manifest.calibration.clean_rejection_rate:
+            raise ValueError("a new calibration must keep the bundle's rate and counts (its thresholds stay)")
+        update["calibration"] = calibration
     if metrics is not None:
         update["metrics"] = metrics
     if reports:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from models.bundle import CalibrationSpec, Manifest, threshold_array
+from models.bundle import Manifest, threshold_array
 from models.cushion import parse_cushion
 from models.imaging import InputSpec
 from models.networks import AegisNet
@@ -51,9 +51,10 @@ def finish_bundle(cfg: TrainConfig, net: AegisNet, splits: dict[str, Split], dat
     classes = CLASSES[cfg.dataset]
     cushion = parse_cushion(cfg.cushion)
     spec = InputSpec(channels=cfg.channels, height=cfg.image_size, width=cfg.image_size)
-    thresholds, counts = calibrate(net, splits["val"].tensor(), splits["val"].labels, cushion, classes,
-                                   cfg.clean_rejection_rate)
-    log.info("thresholds %s on %s validation images", thresholds, counts)
+    calibration = calibrate(net, splits["val"].tensor(), splits["val"].labels, cushion, classes,
+                            cfg.clean_rejection_rate)
+    thresholds = calibration.thresholds
+    log.info("thresholds %s on %s validation images", thresholds, calibration.counts)
     thresholds_by_index = threshold_array(thresholds, classes)
     x_test, y_test = splits["test"].tensor(), splits["test"].labels
     metrics: dict = {"clean": clean_metrics(net, x_test, y_test, cushion, thresholds_by_index)}
@@ -73,7 +74,7 @@ def finish_bundle(cfg: TrainConfig, net: AegisNet, splits: dict[str, Split], dat
     manifest = Manifest(
         name=cfg.name, version=cfg.version, classes=classes, input=spec, cushion=cfg.cushion,
         thresholds=thresholds,
-        calibration=CalibrationSpec(clean_rejection_rate=cfg.clean_rejection_rate, split="val", counts=counts),
+        calibration=calibration.spec(cfg.clean_rejection_rate, "val"),
         architecture=net.architecture(),
         training=cfg.to_dict(), data=data_info, metrics=metrics)
     return write_bundle(bundle_dir, net, manifest, model_card(manifest, metrics, command))

@@ -19,6 +19,13 @@ class InputInfo(BaseModel):
     height: int
 
 
+class ReviewImages(BaseModel):
+    uploaded: str = Field(description="the upload as the service decoded it (DICOM after its VOI window, upright), "
+                                      "at most 512 px on its long side: a PNG data URL")
+    model_input: str = Field(description="what the model saw: the image resized and Cushioned, at the model's "
+                                         "resolution: a PNG data URL")
+
+
 class DiagnoseResponse(BaseModel):
     request_id: str
     diagnosis: str = Field(description="the predicted class name")
@@ -32,6 +39,7 @@ class DiagnoseResponse(BaseModel):
     input: InputInfo
     timings_seconds: dict[str, float] = Field(
         description="decode, prepare, cushion, queue, inference (the batch's ONNX Runtime call), total")
+    images: ReviewImages | None = Field(None, description="only with ?images=true (the review page)")
 
 
 class ErrorResponse(BaseModel):

@@ -37,6 +37,9 @@ def test_default_bundle_is_complete_and_small(bundle):
     assert size <= 50 * 2**20
     for attack in ("pgd20", "wb100", "wbd100", "spgd100"):
         assert attack in m.metrics["attacks"]
+    # python -m training.clean_logits --write: the validation images its thresholds were calibrated on
+    assert {k: d.n for k, d in m.calibration.clean_logits.items()} == m.calibration.counts == \
+        {"NORMAL": 212, "PNEUMONIA": 438}
 
 
 def test_default_bundle_onnx_matches_its_torch_weights(bundle):

@@ -4,12 +4,8 @@ and the decision record flushed at shutdown."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 
@@ -19,46 +15,21 @@ import pytest
 from PIL import Image
 
 from service.security import key_id
-from tests.service.conftest import REPO, png_bytes
+from tests.service.conftest import png_bytes
 from tests.service.dicom_factory import PATIENT, make_dicom
+from tests.service.server import running_service
 
 KEY = "uvicorn-test-key"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def server(bundle_dir, tmp_path):
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AEGIS_")}
-    env.update(AEGIS_API_KEYS=KEY, AEGIS_DRAIN_SECONDS="1.0", AEGIS_INTRA_OP_THREADS="1",
-               AEGIS_MAX_BATCH_WAIT_SECONDS="0.3", PYTHONUNBUFFERED="1",
-               AEGIS_RECORD_URL=f"sqlite:///{tmp_path}/records.sqlite", AEGIS_RECORD_FLUSH_SECONDS="30")
+    env = dict(AEGIS_API_KEYS=KEY, AEGIS_DRAIN_SECONDS="1.0", AEGIS_INTRA_OP_THREADS="1",
+               AEGIS_MAX_BATCH_WAIT_SECONDS="0.3", AEGIS_RECORD_URL=f"sqlite:///{tmp_path}/records.sqlite",
+               AEGIS_RECORD_FLUSH_SECONDS="30")
     log_path = tmp_path / "server.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--bundle",
-                                    str(bundle_dir)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, log_path.read_text()
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not become ready"
-            time.sleep(0.1)
+    with running_service(bundle_dir, log_path, env) as (process, base):
         yield process, base, log_path
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
 
 
 def test_real_server_serves_drains_on_sigterm_and_logs_no_patient_data(server, reference, image_paths):

@@ -325,9 +325,9 @@ def _retrain_shields(ctx: Context, taps: tuple[int, ...], cushion_spec: dict) ->
                       {"classifier": [], "shield": []})
     net.eval()
     held = slice(n, None)
-    thresholds, _ = calibrate(net, ctx.data.x_train[held], ctx.data.y_train[held], cushion, m.classes,
-                              m.calibration.clean_rejection_rate)
-    return net, threshold_array(thresholds, m.classes)
+    calibration = calibrate(net, ctx.data.x_train[held], ctx.data.y_train[held], cushion, m.classes,
+                            m.calibration.clean_rejection_rate)
+    return net, threshold_array(calibration.thresholds, m.classes)
 
 
 def table5(ctx: Context, attacks: tuple[str, ...] = ("pgd", "cw", "hfc", "wb"),
