@@ -360,13 +360,9 @@ class Soak:
             self.stopping = True
             await asyncio.gather(*steady, *bursts)
 
-    def summarize(self, record_url: str, seconds: float) -> Summary:
+    def summarize(self, rows: Counter, seconds: float) -> Summary:
+        """The figures and violations, given the decision record's rows per request id."""
         s = Summary(seconds=round(seconds, 1), requests=len(self.outcomes))
-        engine = create_record_engine(record_url)
-        try:
-            rows = Counter(row["request_id"] for row in iter_decisions(engine, DecisionFilter()))
-        finally:
-            engine.dispose()
         s.record_rows = sum(rows.values())
         statuses, by_case, reasons = Counter(), {}, Counter()
         sent_ids = set()
@@ -406,6 +402,15 @@ class Soak:
         s.lifetimes = [{k: round(v, 1) if isinstance(v, float) else v for k, v in asdict(t).items()}
                        for t in self.lifetimes]
         return s
+
+
+def recorded_rows(record_url: str) -> Counter:
+    """How many rows the decision record holds per request id."""
+    engine = create_record_engine(record_url)
+    try:
+        return Counter(row["request_id"] for row in iter_decisions(engine, DecisionFilter()))
+    finally:
+        engine.dispose()
 
 
 def check_lifetimes(summary: Summary, max_growth_mb: float) -> None:
@@ -469,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(soak.run())
     finally:
         server.kill()
-    summary = soak.summarize(record_url, time.monotonic() - started)
+    summary = soak.summarize(recorded_rows(record_url), time.monotonic() - started)
     check_lifetimes(summary, args.max_rss_growth_mb)
     report = asdict(summary)
     report["violations"] = summary.violations[:50] + ([f"... {len(summary.violations) - 50} more"]
