@@ -171,6 +171,11 @@ def serve_workers(config: uvicorn.Config, settings, environment: dict[str, str])
 
     `environment`: the command line's settings as AEGIS_* variables, so that every worker reads the same settings."""
     os.environ.update(environment)
+    cores = len(os.sched_getaffinity(0))
+    threads = settings.intra_op_threads or cores  # 0 = ONNX Runtime's default: one thread per core
+    if settings.workers * threads > cores:
+        log.warning("workers_oversubscribed", workers=settings.workers, intra_op_threads=threads, cores=cores,
+                    detail="workers x intra-op threads > cores: set AEGIS_INTRA_OP_THREADS to cores / workers")
     path, temporary = prepare_shared_dir()
     group = WorkerGroup(path, settings.workers)
     if settings.record_enabled and settings.record_migrate:  # once here, not N times at once in the workers
