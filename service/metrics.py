@@ -111,8 +111,9 @@ class ServiceMetrics:
         if self.multiprocess_dir is None:
             return generate_latest(self.registry)
         aggregate = CollectorRegistry()
+        # readiness first: computing it drops the live gauges of dead workers before the files are summed
+        aggregate.register(self._readiness)
         MultiProcessCollector(aggregate, path=self.multiprocess_dir)
-        aggregate.register(self._readiness)  # computed at scrape time: the same answer as /readyz
         return generate_latest(aggregate)
 
 

@@ -102,3 +102,24 @@ def test_two_workers_metrics_are_summed_readiness_waits_for_all_and_sigterm_exit
     server.signal(signal.SIGTERM)
     assert server.wait(60) == 0
     assert not any(e.name.startswith("ready-") for e in os.scandir(group.path))
+
+
+def test_readiness_counts_live_workers_only_and_drops_what_dead_ones_left(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    group = WorkerGroup(tmp_path, 2)
+    for name in (f"ready-{dead.pid}", f"gauge_livesum_{dead.pid}.db", f"counter_{dead.pid}.db"):
+        (tmp_path / name).write_bytes(b"")
+    group.mark_ready()  # this process
+    assert group.ready_workers() == 1 and not group.all_ready
+    # the dead worker's mark and live gauges are gone; its counter file stays (its counts still count)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"counter_{dead.pid}.db", f"ready-{os.getpid()}"])
+    group = WorkerGroup(tmp_path, 1)
+    assert group.all_ready
+    group.start_draining()
+    assert group.draining and not group.all_ready
+    group.mark_stopped()
+    assert group.ready_workers() == 0
