@@ -213,6 +213,7 @@ class Lifetime:
 
     rss_start_mb: float
     rss_end_mb: float = 0.0
+    rss_peak_mb: float = 0.0  # the largest of the samples taken at every burst
     exit_status: int | None = None
     drain_seconds: float = 0.0
 
@@ -348,6 +349,8 @@ class Soak:
                 await asyncio.sleep(0.05)
                 now = time.monotonic()
                 if now >= next_burst:
+                    lifetime = self.lifetimes[-1]
+                    lifetime.rss_peak_mb = max(lifetime.rss_peak_mb, self.server.rss_bytes() / 2**20)
                     bursts += await self.fire_burst(client)
                     next_burst = now + self.burst_every
                 if restart_at and now >= restart_at[0]:
