@@ -106,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
 
     workers = settings.workers > 1
     if workers:  # every worker process builds its own app from the environment (service/workers.py)
-        from service.workers import APP_FACTORY as app  # local import: only the supervisor of workers needs it
+        from service.logs import configure_logging  # local import: the supervisor's own log lines
+        from service.workers import APP_FACTORY, serve_workers  # local import: only a supervisor of workers needs it
+
+        app = APP_FACTORY
     else:
         from service.main import create_app  # local import: imports ONNX Runtime, only once the bundle is known good
 
@@ -116,9 +119,6 @@ def main(argv: list[str] | None = None) -> int:
                             access_log=False, server_header=False,
                             timeout_graceful_shutdown=int(settings.request_timeout_seconds) + 5)
     if workers:
-        from service.logs import configure_logging  # local import: the workers configure their own logs
-        from service.workers import serve_workers  # local import: as above
-
         configure_logging(settings.log_level)
         return serve_workers(config, settings, {f"AEGIS_{key.upper()}": str(value).lower() if isinstance(value, bool)
                                                 else str(value) for key, value in overrides.items()})
