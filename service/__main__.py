@@ -1,12 +1,13 @@
 """`python -m service`: serve the embedded default bundle (or `--bundle DIR`) with uvicorn.
 
-One process per container, scaled by replicas: the micro-batcher and the Prometheus counters live in the process, so
-there are no worker processes to aggregate (no prometheus multiprocess mode). On SIGTERM, /readyz answers 503 at once,
+One process per container by default, scaled by replicas; `--workers N` (AEGIS_WORKERS) runs N processes on one port
+for a host without an orchestrator, metrics and readiness aggregated over them (service/workers.py). On SIGTERM, /readyz answers 503 at once,
 traffic keeps being served for AEGIS_DRAIN_SECONDS (so the load balancer can take the pod out), then uvicorn stops
 accepting, waits for in-flight requests and exits 0 (the Kubernetes pattern; set AEGIS_DRAIN_SECONDS to a few
 seconds there, the default 0 suits local use). A second SIGTERM, or Ctrl-C, skips what is left of the drain delay.
 
     AEGIS_AUTH_DISABLED=true python -m service                       # local, default bundle, 127.0.0.1:8000
+    AEGIS_AUTH_DISABLED=true python -m service --workers 2           # two processes on one port (service/workers.py)
     AEGIS_API_KEYS_FILE=/run/secrets/keys python -m service --host 0.0.0.0 --port 8000 --bundle /models/cxr
 """
 
@@ -91,6 +92,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--auth-disabled", action="store_true",
                         help="serve without API keys (local use only; same as AEGIS_AUTH_DISABLED=true)")
     parser.add_argument("--log-level", default=None, help="DEBUG | INFO | WARNING | ERROR")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="server processes, each with its own ONNX Runtime session (default: AEGIS_WORKERS, "
+                             "else 1); keep workers x AEGIS_INTRA_OP_THREADS <= cores")
     return parser
 
 
@@ -103,16 +107,30 @@ def main(argv: list[str] | None = None) -> int:
         overrides["auth_disabled"] = True
     if args.log_level is not None:
         overrides["log_level"] = args.log_level
+    if args.workers is not None:
+        overrides["workers"] = args.workers
     settings = checked_settings(overrides)
     if settings is None:
         return 2
 
-    from service.main import create_app  # local import: imports ONNX Runtime, only once the bundle is known good
+    workers = settings.workers > 1
+    if workers:  # every worker process builds its own app from the environment (service/workers.py)
+        from service.logs import configure_logging  # local import: the supervisor's own log lines
+        from service.workers import APP_FACTORY, serve_workers  # local import: only a supervisor of workers needs it
 
-    app = create_app(settings)
-    config = uvicorn.Config(app, host=args.host, port=args.port, workers=1, lifespan="on", log_config=None,
+        app = APP_FACTORY
+    else:
+        from service.main import create_app  # local import: imports ONNX Runtime, only once the bundle is known good
+
+        app = create_app(settings)
+    config = uvicorn.Config(app, host=args.host, port=args.port, workers=settings.workers, factory=workers,
+                            lifespan="on", log_config=None,
                             access_log=False, server_header=False,
                             timeout_graceful_shutdown=int(settings.request_timeout_seconds) + 5)
+    if workers:
+        configure_logging(settings.log_level)
+        return serve_workers(config, settings, {f"AEGIS_{key.upper()}": str(value).lower() if isinstance(value, bool)
+                                                else str(value) for key, value in overrides.items()})
     server = DrainingServer(config, app.state.aegis, settings.drain_seconds)
     try:
         server.run()

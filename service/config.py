@@ -5,6 +5,8 @@
     AEGIS_BUNDLE_DIR                 bundle folder (default: the embedded bundle at models/default)
     AEGIS_DEVICE                     cpu | cuda (ONNX Runtime execution provider)
     AEGIS_ON_MISSING_CUDA            fail | warn: what a service configured for cuda does when only CPU is available
+    AEGIS_WORKERS                    server processes on this host, each with its own ONNX Runtime session
+                                     (service/workers.py; keep workers x intra-op threads <= cores)
     AEGIS_INTRA_OP_THREADS           ONNX Runtime intra-op threads (0 = ONNX Runtime's default, all cores)
     AEGIS_PREPROCESS_THREADS         threads that decode and Cushion requests (0 = the CPU count)
     AEGIS_MAX_BATCH_SIZE             largest micro-batch sent to ONNX Runtime in one call
@@ -57,6 +59,7 @@ class Settings(BaseSettings):
     device: Literal["cpu", "cuda"] = "cpu"
     on_missing_cuda: Literal["fail", "warn"] = Field(
         "fail", description="device=cuda but only the CPU provider is available: refuse to start, or warn and use CPU")
+    workers: int = Field(1, ge=1, le=64, description="server processes (python -m service --workers N)")
     intra_op_threads: int = Field(0, ge=0, le=256)
     preprocess_threads: int = Field(0, ge=0, le=256, description="decode + Cushion threads (0 = CPU count)")
 

@@ -31,6 +31,7 @@ from service.pipeline import DefensePipeline
 from service.record import open_recorder
 from service.runtime import create_runner
 from service.state import ServiceState
+from service.workers import WorkerGroup
 
 log = structlog.get_logger("aegis.service")
 RunnerFactory = Callable[[Bundle, Settings], BatchFn]
@@ -82,10 +83,12 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
 
 def new_state(settings: Settings, registry: CollectorRegistry | None = None) -> ServiceState:
     """What a service holds before start-up: settings, metrics (on `registry`, a fresh one when None), keys."""
-    metrics = ServiceMetrics(registry, max_batch_size=settings.max_batch_size)
-    state = ServiceState(settings=settings, metrics=metrics,
+    workers = WorkerGroup.from_environment(settings.workers)
+    metrics = ServiceMetrics(registry, max_batch_size=settings.max_batch_size,
+                             multiprocess_dir=str(workers.path) if workers is not None else None)
+    state = ServiceState(settings=settings, metrics=metrics, workers=workers,
                          api_keys=() if settings.auth_disabled else settings.all_api_keys())
-    metrics.ready.set_function(lambda: float(state.serving))
+    metrics.track_ready(lambda: state.serving)
     return state
 
 
@@ -124,6 +127,8 @@ async def start_state(state: ServiceState, runner_factory: RunnerFactory = defau
     threads = settings.preprocess_threads or os.cpu_count() or 1
     state.preprocess_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="aegis-preprocess")
     state.ready = True
+    if state.workers is not None:
+        state.workers.mark_ready()
     log.info("service_ready", model=m.name, version=m.version, provider=state.provider, classes=list(m.classes),
              cushion=bundle.cushion.describe(), bundle=str(bundle.root), max_batch_size=settings.max_batch_size,
              auth="disabled" if settings.auth_disabled else "api_key")
@@ -140,4 +145,6 @@ async def stop_state(state: ServiceState) -> None:
         state.preprocess_pool.shutdown(wait=False, cancel_futures=True)
     if state.inference_executor is not None:
         state.inference_executor.shutdown(wait=False, cancel_futures=True)
+    if state.workers is not None:
+        state.workers.mark_stopped()
     log.info("service_stopped")

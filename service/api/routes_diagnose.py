@@ -35,6 +35,7 @@ OPENAPI_BODY = {
     }
 }
 ERRORS = {code: {"model": ErrorResponse, "description": text} for code, text in {
+    400: "malformed multipart body (no boundary, more than 8 fields or more than 1 file)",
     401: "missing or invalid API key",
     413: "body above max_upload_bytes, or image above max_pixels",
     415: "not PNG/JPEG/DICOM, content type contradicts the bytes, or compressed DICOM without a decoder",
