@@ -19,19 +19,20 @@ from pathlib import Path
 
 import torch
 
-from models.bundle import ArchitectureSpec, CalibrationSpec, Manifest
+from models.bundle import CalibrationSpec, Manifest
 from models.cushion import parse_cushion
 from models.imaging import InputSpec
-from models.networks import build_aegis
+from models.networks import SHIELD_KINDS, build_aegis
 from training.export import round_to_half, write_bundle
 
 
 def build_benchmark_bundle(out: Path, backbone: str, size: int, channels: int, classes: tuple[str, ...],
-                           shield_width: int, cushion: str = "jpeg:80", seed: int = 0) -> Manifest:
+                           shield_width: int, cushion: str = "jpeg:80", seed: int = 0,
+                           shield_kind: str = "per_class") -> Manifest:
     torch.manual_seed(seed)
     spec = InputSpec(channels=channels, height=size, width=size)
     net = round_to_half(build_aegis(backbone, len(classes), channels, (size, size),
-                                    shield_width=shield_width).eval())
+                                    shield_width=shield_width, shield_kind=shield_kind).eval())
     name = f"benchmark-{backbone}-{size}"
     card = (f"# {name} (untrained)\n\nRandom weights, exported by `python -m benchmarks.bundle` to measure serving "
             "latency and throughput of this architecture. **Its outputs mean nothing: never use it for diagnosis.**\n")
@@ -39,8 +40,7 @@ def build_benchmark_bundle(out: Path, backbone: str, size: int, channels: int, c
         name=name, version="untrained", classes=classes, input=spec, cushion=parse_cushion(cushion),
         thresholds={c: 0.0 for c in classes},
         calibration=CalibrationSpec(clean_rejection_rate=0.5, split="none (untrained benchmark bundle)"),
-        architecture=ArchitectureSpec(backbone=backbone, taps=tuple(net.classifier.taps),
-                                      tap_names=net.classifier.tap_names, shield_width=shield_width),
+        architecture=net.architecture(),
         metrics={"note": "untrained: benchmark only"})
     return write_bundle(out, net, manifest, card, weights=False)
 
@@ -53,10 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classes", nargs="+", default=["NORMAL", "PNEUMONIA"])
     parser.add_argument("--shield-width", type=int, default=32)
     parser.add_argument("--cushion", default="jpeg:80")
+    parser.add_argument("--shield-kind", default="per_class", choices=SHIELD_KINDS,
+                        help="one Shield network per class, or one shared trunk with a head per class")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     manifest = build_benchmark_bundle(args.out, args.backbone, args.size, args.channels, tuple(args.classes),
-                                      args.shield_width, args.cushion)
+                                      args.shield_width, args.cushion, shield_kind=args.shield_kind)
     print(f"{manifest.name} ({manifest.architecture.backbone}, {args.size} px) written to {args.out}")
     return 0
 

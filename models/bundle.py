@@ -8,6 +8,11 @@ A bundle is a folder::
     weights.pt         the torch state dicts (classifier + Shields) for white-box attacks and fine-tuning
     MODEL_CARD.md      intended use, data and attribution, metrics with their scale and command, limits
 
+Schema 1.1 added `calibration.clean_logits`: per class, the distribution of the clean validation Shield logits its
+threshold was calibrated on (quantiles and a histogram), so that a reader can place one image's logit among them.
+1.0 bundles still load (the field is then empty). 1.1 also added `architecture.shield_kind` ("per_class", the
+paper's, or "shared_trunk"; 1.0 bundles are per-class).
+
 The decision rule, for an input `x` of any size:
     `u = cushion(prepare_image(x, input))`; `logits, s = aegis.onnx(u / 255)`; `k = argmax(logits)`;
     accept iff `s[k] >= thresholds[classes[k]]`.
@@ -33,7 +38,7 @@ import hashlib
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -41,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from models.cushion import Cushion
 from models.imaging import InputSpec
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 MANIFEST = "manifest.json"
 SIGNATURE_FILE = "bundle.sig"
 SIGNATURE_CONTEXT = b"medical-aegis bundle sha256:"
@@ -74,6 +79,49 @@ class ArchitectureSpec(BaseModel):
     taps: tuple[int, ...] = Field(description="1-indexed residual blocks (ResNet) or ReLU layers (VGG) fed to Shields")
     tap_names: tuple[str, ...] = ()
     shield_width: int = Field(gt=0)
+    # "per_class": one Shield network per class (the paper's); "shared_trunk": one tap trunk, a head per class
+    # (models.networks.SharedTrunkShields). Schema 1.1; absent in 1.0 bundles, which are all per-class.
+    shield_kind: Literal["per_class", "shared_trunk"] = "per_class"
+
+
+QUANTILE_LEVELS = (0.0, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.975, 0.99, 1.0)
+
+
+class LogitDistribution(BaseModel):
+    """One class's clean Shield logits (the calibration images routed to that Shield), summarised: quantiles at
+    `levels` and a histogram (`counts[i]` logits in [`edges[i]`, `edges[i + 1]`), the last bin closed)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    n: int = Field(ge=1, description="clean images summarised")
+    levels: tuple[float, ...] = Field(min_length=2)
+    quantiles: tuple[float, ...] = Field(min_length=2)
+    edges: tuple[float, ...] = Field(min_length=2)
+    counts: tuple[int, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LogitDistribution:
+        if len(self.levels) != len(self.quantiles) or np.any(np.diff(self.levels) <= 0) \
+                or not 0 <= self.levels[0] <= self.levels[-1] <= 1 or np.any(np.diff(self.quantiles) < 0):
+            raise ValueError("quantiles must be non-decreasing values at increasing levels in [0, 1]")
+        if len(self.edges) != len(self.counts) + 1 or np.any(np.diff(self.edges) <= 0) \
+                or min(self.counts) < 0 or sum(self.counts) != self.n:
+            raise ValueError("the histogram needs increasing edges, one more than its counts, counts summing to n")
+        return self
+
+    @classmethod
+    def of(cls, logits: np.ndarray, bins: int = 20) -> LogitDistribution:
+        values = np.asarray(logits, dtype=np.float64).ravel()
+        if len(values) == 0 or not np.isfinite(values).all():
+            raise ValueError("a logit distribution needs at least one value, all finite")
+        counts, edges = np.histogram(values, bins=bins)
+        return cls(n=len(values), levels=QUANTILE_LEVELS,
+                   quantiles=tuple(float(q) for q in np.quantile(values, QUANTILE_LEVELS)),
+                   edges=tuple(float(e) for e in edges), counts=tuple(int(c) for c in counts))
+
+    def quantile(self, level: float) -> float:
+        """The stored quantile at `level` (one of `levels`)."""
+        return self.quantiles[self.levels.index(level)]
 
 
 class CalibrationSpec(BaseModel):
@@ -82,6 +130,17 @@ class CalibrationSpec(BaseModel):
     clean_rejection_rate: float = Field(gt=0.0, lt=1.0)
     split: str
     counts: dict[str, int] = Field(default_factory=dict, description="clean images routed to each class's Shield")
+    clean_logits: dict[str, LogitDistribution] = Field(
+        default_factory=dict, description="per class, the distribution of those images' Shield logits (schema 1.1; "
+                                          "empty in older bundles)")
+
+    @model_validator(mode="after")
+    def _counts_match(self) -> CalibrationSpec:
+        for name, distribution in self.clean_logits.items():
+            if name in self.counts and self.counts[name] != distribution.n:
+                raise ValueError(f"clean_logits of {name} summarise {distribution.n} images, counts says "
+                                 f"{self.counts[name]}")
+        return self
 
 
 class Manifest(BaseModel):
@@ -118,6 +177,8 @@ class Manifest(BaseModel):
         if set(self.thresholds) != set(self.classes):
             raise ValueError(f"thresholds must name exactly the classes {list(self.classes)}, "
                              f"got {sorted(self.thresholds)}")
+        if self.calibration.clean_logits and set(self.calibration.clean_logits) != set(self.classes):
+            raise ValueError(f"calibration.clean_logits must name exactly the classes {list(self.classes)}")
         return self
 
     def threshold(self, class_index: int) -> float:

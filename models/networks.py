@@ -18,6 +18,8 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from models.bundle import ArchitectureSpec
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -131,6 +133,22 @@ class TappedClassifier(nn.Module):
         raise AssertionError("unreachable")  # pragma: no cover
 
 
+def _tap_branches(tap_channels: list[int], width: int) -> nn.ModuleList:
+    """A small conv branch per tap, pooled to `width` features each (concatenated by the caller)."""
+    return nn.ModuleList([
+        nn.Sequential(
+            nn.Conv2d(c, width, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        for c in tap_channels
+    ])
+
+
+def _shield_head(width: int, n_taps: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(width * n_taps, width), nn.ReLU(inplace=True), nn.Linear(width, 1))
+
+
 class ShieldNet(nn.Module):
     """One class's detector on multi-layer features (paper §3): a small conv branch per tap, pooled, then an MLP.
 
@@ -139,25 +157,40 @@ class ShieldNet(nn.Module):
 
     def __init__(self, tap_channels: list[int], width: int = 32):
         super().__init__()
-        self.branches = nn.ModuleList([
-            nn.Sequential(
-                nn.Conv2d(c, width, 3, padding=1), nn.ReLU(inplace=True),
-                nn.Conv2d(width, width, 3, padding=1), nn.ReLU(inplace=True),
-                nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-            )
-            for c in tap_channels
-        ])
-        self.head = nn.Sequential(nn.Linear(width * len(tap_channels), width), nn.ReLU(inplace=True),
-                                  nn.Linear(width, 1))
+        self.branches = _tap_branches(tap_channels, width)
+        self.head = _shield_head(width, len(tap_channels))
 
     def forward(self, taps: list[Tensor]) -> Tensor:
         return self.head(torch.cat([branch(t) for branch, t in zip(self.branches, taps)], dim=1)).squeeze(1)
 
 
-class AegisNet(nn.Module):
-    """Classifier + one Shield per class. `forward(x)` -> (logits N x K, shield_logits N x K): the ONNX graph."""
+class SharedTrunkShields(nn.Module):
+    """Every class's Shield on one shared trunk (the tap branches) with a head per class: still one logit per class
+    (the bundle contract), for about the cost of one paper Shield, and a trunk trained on every class's images.
 
-    def __init__(self, classifier: TappedClassifier, shields: nn.ModuleList):
+    Returns N x K logits, high = clean.
+    """
+
+    def __init__(self, tap_channels: list[int], num_classes: int, width: int = 32):
+        super().__init__()
+        self.branches = _tap_branches(tap_channels, width)
+        self.heads = nn.ModuleList([_shield_head(width, len(tap_channels)) for _ in range(num_classes)])
+
+    def forward(self, taps: list[Tensor]) -> Tensor:
+        features = torch.cat([branch(t) for branch, t in zip(self.branches, taps)], dim=1)
+        return torch.cat([head(features) for head in self.heads], dim=1)
+
+
+SHIELD_KINDS = ("per_class", "shared_trunk")
+
+
+class AegisNet(nn.Module):
+    """Classifier + one Shield per class. `forward(x)` -> (logits N x K, shield_logits N x K): the ONNX graph.
+
+    `shields`: a ModuleList of `ShieldNet` (the paper's, one network per class) or a `SharedTrunkShields`.
+    """
+
+    def __init__(self, classifier: TappedClassifier, shields: nn.ModuleList | SharedTrunkShields):
         super().__init__()
         self.classifier = classifier
         self.shields = shields
@@ -167,11 +200,24 @@ class AegisNet(nn.Module):
         return logits, self.shield_logits(taps), taps
 
     def shield_logits(self, taps: list[Tensor]) -> Tensor:
+        if isinstance(self.shields, SharedTrunkShields):
+            return self.shields(taps)
         return torch.stack([shield(taps) for shield in self.shields], dim=1)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         logits, shield_logits, _ = self.forward_all(x)
         return logits, shield_logits
+
+    @property
+    def shield_kind(self) -> str:
+        return "shared_trunk" if isinstance(self.shields, SharedTrunkShields) else "per_class"
+
+    def architecture(self) -> ArchitectureSpec:
+        """What a bundle's manifest records to rebuild this network with `build_aegis` (`load_aegis`)."""
+        branches = self.shields.branches if isinstance(self.shields, SharedTrunkShields) else self.shields[0].branches
+        return ArchitectureSpec(backbone=self.classifier.backbone_name, taps=tuple(self.classifier.taps),
+                                tap_names=self.classifier.tap_names, shield_width=branches[0][0].out_channels,
+                                shield_kind=self.shield_kind)
 
 
 def tap_channels(classifier: TappedClassifier, input_size: tuple[int, int]) -> list[int]:
@@ -185,17 +231,21 @@ def tap_channels(classifier: TappedClassifier, input_size: tuple[int, int]) -> l
 
 def build_aegis(backbone: str, num_classes: int, in_channels: int, input_size: tuple[int, int],
                 taps: tuple[int, ...] | None = None, shield_width: int = 32,
-                pretrained: str | Path | None = None) -> AegisNet:
+                pretrained: str | Path | None = None, shield_kind: str = "per_class") -> AegisNet:
+    if shield_kind not in SHIELD_KINDS:
+        raise ValueError(f"shield_kind must be one of {SHIELD_KINDS}, got {shield_kind!r}")
     classifier = TappedClassifier(backbone, num_classes, in_channels, taps, pretrained)
     channels = tap_channels(classifier, input_size)
-    shields = nn.ModuleList([ShieldNet(channels, shield_width) for _ in range(num_classes)])
-    return AegisNet(classifier, shields)
+    if shield_kind == "shared_trunk":
+        return AegisNet(classifier, SharedTrunkShields(channels, num_classes, shield_width))
+    return AegisNet(classifier, nn.ModuleList([ShieldNet(channels, shield_width) for _ in range(num_classes)]))
 
 
 def load_aegis(bundle) -> AegisNet:
     """Rebuild the torch model of a `models.bundle.Bundle` from its weights.pt (for white-box audits)."""
     m = bundle.manifest
     net = build_aegis(m.architecture.backbone, len(m.classes), m.input.channels, (m.input.height, m.input.width),
-                      tuple(m.architecture.taps), m.architecture.shield_width)
+                      tuple(m.architecture.taps), m.architecture.shield_width,
+                      shield_kind=m.architecture.shield_kind)
     net.load_state_dict(torch.load(bundle.weights_path, map_location="cpu", weights_only=True))
     return net.eval()

@@ -1,7 +1,7 @@
 """`python -m service`: serve the embedded default bundle (or `--bundle DIR`) with uvicorn.
 
-One process per container, scaled by replicas: the micro-batcher and the Prometheus counters live in the process, so
-there are no worker processes to aggregate (no prometheus multiprocess mode). On SIGTERM, /readyz answers 503 at once,
+One process per container by default, scaled by replicas; `--workers N` (AEGIS_WORKERS) runs N processes on one port
+for a host without an orchestrator, metrics and readiness aggregated over them (service/workers.py). On SIGTERM, /readyz answers 503 at once,
 traffic keeps being served for AEGIS_DRAIN_SECONDS (so the load balancer can take the pod out), then uvicorn stops
 accepting, waits for in-flight requests and exits 0 (the Kubernetes pattern; set AEGIS_DRAIN_SECONDS to a few
 seconds there, the default 0 suits local use). A second SIGTERM, or Ctrl-C, skips what is left of the drain delay.
@@ -10,6 +10,7 @@ HTTP limits before any authentication (head size and time, header count, connect
 docs/security.md "HTTP limits") come from settings.
 
     AEGIS_AUTH_DISABLED=true python -m service                       # local, default bundle, 127.0.0.1:8000
+    AEGIS_AUTH_DISABLED=true python -m service --workers 2           # two processes on one port (service/workers.py)
     AEGIS_API_KEYS_FILE=/run/secrets/keys python -m service --host 0.0.0.0 --port 8000 --bundle /models/cxr
 """
 
@@ -74,6 +75,29 @@ def http_limits(settings: Settings) -> dict:
                          h11_max_incomplete_event_size=settings.max_header_bytes)
 
 
+def checked_settings(overrides: dict) -> Settings | None:
+    """The settings (environment + `overrides`) and a loadable bundle, or None after one clear line per problem on
+    stderr: fail before binding a port."""
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as error:  # never echo the input: it may hold API keys
+        for problem in error.errors(include_url=False, include_input=False):
+            where = ".".join(str(part) for part in problem["loc"])
+            print(f"invalid settings: {'AEGIS_' + where.upper() + ': ' if where else ''}{problem['msg']}",
+                  file=sys.stderr)
+        return None
+
+    from models.bundle import BundleError, load_bundle  # local import: settings errors first, before heavy imports
+
+    try:
+        load_bundle(settings.bundle_dir, public_key_file=settings.bundle_public_key_file,
+                    signature_file=settings.bundle_signature_file)
+    except BundleError as error:
+        print(f"cannot serve: {error}", file=sys.stderr)
+        return None
+    return settings
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,6 +108,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--auth-disabled", action="store_true",
                         help="serve without API keys (local use only; same as AEGIS_AUTH_DISABLED=true)")
     parser.add_argument("--log-level", default=None, help="DEBUG | INFO | WARNING | ERROR")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="server processes, each with its own ONNX Runtime session (default: AEGIS_WORKERS, "
+                             "else 1); keep workers x AEGIS_INTRA_OP_THREADS <= cores")
     return parser
 
 
@@ -96,31 +123,31 @@ def main(argv: list[str] | None = None) -> int:
         overrides["auth_disabled"] = True
     if args.log_level is not None:
         overrides["log_level"] = args.log_level
-    try:
-        settings = Settings(**overrides)
-    except ValidationError as error:  # never echo the input: it may hold API keys
-        for problem in error.errors(include_url=False, include_input=False):
-            where = ".".join(str(part) for part in problem["loc"])
-            print(f"invalid settings: {'AEGIS_' + where.upper() + ': ' if where else ''}{problem['msg']}",
-                  file=sys.stderr)
+    if args.workers is not None:
+        overrides["workers"] = args.workers
+    settings = checked_settings(overrides)
+    if settings is None:
         return 2
 
-    from models.bundle import BundleError, load_bundle  # local import: settings errors first, before heavy imports
+    workers = settings.workers > 1
+    if workers:  # every worker process builds its own app from the environment (service/workers.py)
+        from service.logs import configure_logging  # local import: the supervisor's own log lines
+        from service.workers import APP_FACTORY, serve_workers  # local import: only a supervisor of workers needs it
 
-    try:  # fail before binding the port, with one clear line
-        load_bundle(settings.bundle_dir, public_key_file=settings.bundle_public_key_file,
-                    signature_file=settings.bundle_signature_file)
-    except BundleError as error:
-        print(f"cannot serve: {error}", file=sys.stderr)
-        return 2
+        app = APP_FACTORY
+    else:
+        from service.main import create_app  # local import: imports ONNX Runtime, only once the bundle is known good
 
-    from service.main import create_app  # local import: imports ONNX Runtime, only once the bundle is known good
-
-    app = create_app(settings)
-    config = uvicorn.Config(app, host=args.host, port=args.port, workers=1, lifespan="on", log_config=None,
+        app = create_app(settings)
+    config = uvicorn.Config(app, host=args.host, port=args.port, workers=settings.workers, factory=workers,
+                            lifespan="on", log_config=None,
                             access_log=False, server_header=False,
                             timeout_graceful_shutdown=int(settings.request_timeout_seconds) + 5,
                             **http_limits(settings))
+    if workers:
+        configure_logging(settings.log_level)
+        return serve_workers(config, settings, {f"AEGIS_{key.upper()}": str(value).lower() if isinstance(value, bool)
+                                                else str(value) for key, value in overrides.items()})
     server = DrainingServer(config, app.state.aegis, settings.drain_seconds)
     try:
         server.run()

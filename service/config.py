@@ -5,6 +5,8 @@
     AEGIS_BUNDLE_DIR                 bundle folder (default: the embedded bundle at models/default)
     AEGIS_DEVICE                     cpu | cuda (ONNX Runtime execution provider)
     AEGIS_ON_MISSING_CUDA            fail | warn: what a service configured for cuda does when only CPU is available
+    AEGIS_WORKERS                    server processes on this host, each with its own ONNX Runtime session
+                                     (service/workers.py; keep workers x intra-op threads <= cores)
     AEGIS_INTRA_OP_THREADS           ONNX Runtime intra-op threads (0 = ONNX Runtime's default, all cores)
     AEGIS_PREPROCESS_THREADS         threads that decode and Cushion requests (0 = the CPU count)
     AEGIS_MAX_BATCH_SIZE             largest micro-batch sent to ONNX Runtime in one call
@@ -40,6 +42,14 @@
     AEGIS_BUNDLE_SIGNATURE_FILE      the detached signature (default: bundle.sig in the bundle folder)
     AEGIS_DRAIN_SECONDS              after SIGTERM: seconds /readyz answers 503 while traffic still flows
     AEGIS_LOG_LEVEL                  DEBUG | INFO | WARNING | ERROR
+    AEGIS_DICOMWEB_MAX_INSTANCES     most DICOM instances in one STOW-RS request (POST /v1/studies)
+    AEGIS_DICOM_AE_TITLE             the DICOM node's AE title (python -m service.dicom_node)
+    AEGIS_DICOM_HOST, AEGIS_DICOM_PORT
+                                     where the node listens (default 0.0.0.0:11112)
+    AEGIS_DICOM_ALLOWED_CALLING_AETS comma-separated AE titles allowed to associate (or a JSON list)
+    AEGIS_DICOM_ALLOW_ANY_CALLING_AET
+                                     true to accept any calling AE title (must be explicit, like AEGIS_AUTH_DISABLED)
+    AEGIS_DICOM_METRICS_PORT         the node's Prometheus /metrics port (0 = none)
     AEGIS_RECORD_URL                 decision record database: sqlite:///FILE (default ./aegis-records.sqlite)
                                      or postgresql+psycopg://USER@HOST:PORT/DB (service/record/store.py)
     AEGIS_RECORD_PASSWORD_FILE       a file with the database password (a mounted secret), kept out of the URL
@@ -72,6 +82,7 @@ class Settings(BaseSettings):
     device: Literal["cpu", "cuda"] = "cpu"
     on_missing_cuda: Literal["fail", "warn"] = Field(
         "fail", description="device=cuda but only the CPU provider is available: refuse to start, or warn and use CPU")
+    workers: int = Field(1, ge=1, le=64, description="server processes (python -m service --workers N)")
     intra_op_threads: int = Field(0, ge=0, le=256)
     preprocess_threads: int = Field(0, ge=0, le=256, description="decode + Cushion threads (0 = CPU count)")
 
@@ -118,6 +129,14 @@ class Settings(BaseSettings):
     drain_seconds: float = Field(0.0, ge=0.0, le=600.0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    dicomweb_max_instances: int = Field(256, ge=1, description="DICOM instances in one STOW-RS request")
+    dicom_ae_title: str = Field("AEGIS", min_length=1, max_length=16, pattern=r"^[\x20-\x5b\x5d-\x7e]*[^ ]$")
+    dicom_host: str = "0.0.0.0"
+    dicom_port: int = Field(11112, ge=0, le=65535, description="0 = any free port (tests)")
+    dicom_allowed_calling_aets: Annotated[tuple[str, ...], NoDecode] = ()
+    dicom_allow_any_calling_aet: bool = False
+    dicom_metrics_port: int = Field(0, ge=0, le=65535)
+
     record_enabled: bool = True
     record_url: str = Field(DEFAULT_RECORD_URL, min_length=1)
     record_password_file: Path | None = None
@@ -128,7 +147,7 @@ class Settings(BaseSettings):
     record_batch_size: int = Field(256, ge=1)
     record_flush_seconds: float = Field(0.2, ge=0.0, le=60.0)
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "dicom_allowed_calling_aets", mode="before")
     @classmethod
     def _split_keys(cls, value):
         if isinstance(value, str):

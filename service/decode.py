@@ -11,7 +11,9 @@ Conversions to 8 bits, in integer arithmetic or on strips of rows (memory per re
   Center/Width, LINEAR / LINEAR_EXACT / SIGMOID, or a VOI LUT) mapped from its output range onto 0..255. Without a VOI,
   8-bit unsigned data without rescale is kept as is and anything else is min-max scaled. MONOCHROME1 is inverted
   (high = white) so that the model always sees MONOCHROME2. Colour DICOM (RGB, YBR) is converted to RGB.
-- Multi-frame DICOM is refused (422): send one frame.
+- Multi-frame DICOM is refused (422): send one frame. So is a DICOM SOP class without pixel data (a Structured
+  Report, an Encapsulated PDF: `NotAnImage`), and compressed pixel data without an installed decoder (415,
+  `UnsupportedTransferSyntax`; the `dicom-codecs` extra installs pylibjpeg and python-gdcm decoders).
 
 Error messages about DICOM never quote element values: they could contain patient data (a Photometric Interpretation
 is named only when it is one of the standard's defined terms).
@@ -29,7 +31,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from service.errors import TooManyPixels, UndecodableImage, UnsupportedImage, UnsupportedMediaType
+from service.errors import (NotAnImage, TooManyPixels, UndecodableImage, UnsupportedImage, UnsupportedMediaType,
+                            UnsupportedTransferSyntax)
 
 ImageFormat = Literal["png", "jpeg", "dicom"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -193,12 +196,12 @@ def _dicom_int(ds, keyword: str, default: int | None = None) -> int:
 
 def _dicom_image(ds, max_pixels: int) -> DecodedImage:
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise UndecodableImage("the DICOM file has no pixel data")
+        _refuse_without_pixels(ds)
     rows, columns = _dicom_int(ds, "Rows"), _dicom_int(ds, "Columns")
     frames = _dicom_int(ds, "NumberOfFrames", 1)
     _check_pixels(columns, rows, max_pixels, max(frames, 1))
     if frames > 1:
-        raise UnsupportedImage(f"multi-frame DICOM ({frames} frames) is not supported: send a single frame")
+        raise UnsupportedImage(f"multi-frame DICOM ({frames} frames) is not supported: send one frame")
     _check_transfer_syntax(ds)
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     samples = _dicom_int(ds, "SamplesPerPixel", 1)
@@ -234,12 +237,54 @@ def _check_transfer_syntax(ds) -> None:
     try:
         decoder = get_decoder(uid)
     except NotImplementedError:
-        raise UnsupportedMediaType(f"DICOM transfer syntax {uid} ({uid.name}) has no pixel data decoder") from None
+        raise UnsupportedTransferSyntax(f"DICOM transfer syntax {uid} ({uid.name}) has no pixel data decoder"
+                                        ) from None
     if not decoder.is_available:
-        raise UnsupportedMediaType(
+        raise UnsupportedTransferSyntax(
             f"DICOM transfer syntax {uid} ({uid.name}) is compressed and no decoder plugin for it is installed "
             "(install pylibjpeg with pylibjpeg-libjpeg / pylibjpeg-openjpeg, or python-gdcm), or send uncompressed "
             "or JPEG-baseline DICOM")
+
+
+def _refuse_without_pixels(ds) -> None:
+    """No pixel data: an image SOP class missing its pixels is broken; any other SOP class is not an image."""
+    from pydicom.uid import UID
+
+    sop_class = UID(str(ds.get("SOPClassUID", "")))
+    name = sop_class.name if sop_class.name != str(sop_class) else ""
+    if not name or "Image" in name:
+        raise UndecodableImage("the DICOM file has no pixel data")
+    # the name first: a C-STORE Error Comment keeps 64 characters
+    raise NotAnImage(f"{name} is not an image: nothing to diagnose (DICOM SOP class {sop_class})")
+
+
+def decodable_transfer_syntaxes() -> list[str]:
+    """Every transfer syntax whose pixel data pydicom can decode here (uncompressed, and compressed ones whose
+    decoder plugin is installed): what the DICOM node offers, so that senders convert anything else."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import AllTransferSyntaxes, UID
+
+    found = []
+    for uid in map(UID, AllTransferSyntaxes):
+        try:
+            if get_decoder(uid).is_available:
+                found.append(str(uid))
+        except NotImplementedError:
+            continue
+    return found
+
+
+def dicom_uids(data: bytes) -> tuple[str | None, str | None]:
+    """(SOP Class UID, SOP Instance UID) of a DICOM Part 10 file, None where unreadable; the pixels are not read."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True,
+                             specific_tags=["SOPClassUID", "SOPInstanceUID"])
+        uids = (ds.get("SOPClassUID"), ds.get("SOPInstanceUID"))
+    except Exception:  # noqa: BLE001 - unreadable headers: decode_image gives the reason
+        return None, None
+    return tuple(str(u) if u else None for u in uids)  # type: ignore[return-value]
 
 
 def _scale(values: np.ndarray, low: float, high: float) -> np.ndarray:

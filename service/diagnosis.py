@@ -24,6 +24,7 @@ class Diagnosis:
     decoded: DecodedImage  # what was uploaded: format and size
     verdict: Verdict
     batch_size: int  # images in the graph call that answered it
+    model_input: np.ndarray  # the row the graph saw: float32 C x H x W in [0, 1], already Cushioned
 
 
 def _decode_and_prepare(pipeline: DefensePipeline, data: bytes, media_type: str | None, max_pixels: int,
@@ -80,4 +81,4 @@ async def diagnose(state: ServiceState, read: ImageReader, *, request_id: str, k
     metrics.observe_stages(timings)
     state.recorder.record(verdict, request_id=request_id, image=data, input_format=decoded.format,
                           width=decoded.width, height=decoded.height, key_id=key_id, source=source)
-    return Diagnosis(decoded, verdict, result.batch_size)
+    return Diagnosis(decoded, verdict, result.batch_size, row)

@@ -22,7 +22,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from models.bundle import Bundle, load_bundle
 from service.admission import Stages
-from service.api import routes_decisions, routes_diagnose, routes_health, routes_model, routes_oip
+from service.api import (routes_decisions, routes_diagnose, routes_dicomweb, routes_health, routes_model,
+                         routes_oip, routes_review)
 from service.api.errors import register_error_handlers
 from service.batching import BatchFn, MicroBatcher, inference_executor
 from service.config import Settings
@@ -34,6 +35,7 @@ from service.record import open_recorder
 from service.runtime import create_runner
 from service.security import FailedAuthLimiter, require_api_key
 from service.state import ServiceState
+from service.workers import WorkerGroup
 
 log = structlog.get_logger("aegis.service")
 RunnerFactory = Callable[[Bundle, Settings], BatchFn]
@@ -52,23 +54,16 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
     settings = settings if settings is not None else Settings()
     if configure_logs:
         configure_logging(settings.log_level)
-    metrics = ServiceMetrics(registry, max_batch_size=settings.max_batch_size)
-    state = ServiceState(settings=settings, metrics=metrics,
-                         api_keys={} if settings.auth_disabled else dict(settings.scoped_api_keys()),
-                         auth_limiter=FailedAuthLimiter(settings.auth_failure_limit,
-                                                        settings.auth_failure_window_seconds),
-                         stages=Stages(max_uploads=settings.max_inflight_uploads,
-                                       max_decodes=settings.max_inflight_decodes, gauge=metrics.stage_inflight,
-                                       retry_after_seconds=settings.retry_after_seconds))
-    metrics.ready.set_function(lambda: float(state.serving))
+    state = new_state(settings, registry)
+    metrics = state.metrics
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await _start(state, runner_factory)
+        await start_state(state, runner_factory)
         try:
             yield
         finally:
-            await _stop(state)
+            await stop_state(state)
 
     open_docs = settings.docs_access == "open"
     app = FastAPI(
@@ -83,8 +78,10 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
     app.state.aegis = state
     app.state.metrics = metrics
     register_error_handlers(app)
-    for module in (routes_diagnose, routes_decisions, routes_model, routes_health, routes_oip):
+    for module in (routes_diagnose, routes_dicomweb, routes_decisions, routes_model, routes_health, routes_oip,
+                   routes_review):
         app.include_router(module.router)
+    app.mount("/static", routes_review.static_files(), name="static")
     if settings.docs_access == "key":
         _docs_behind_key(app)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_upload_bytes,
@@ -112,7 +109,25 @@ def _docs_behind_key(app: FastAPI) -> None:
         return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - API")
 
 
-async def _start(state: ServiceState, runner_factory: RunnerFactory) -> None:
+def new_state(settings: Settings, registry: CollectorRegistry | None = None) -> ServiceState:
+    """What a service holds before start-up: settings, metrics (on `registry`, a fresh one when None), keys."""
+    workers = WorkerGroup.from_environment(settings.workers)
+    metrics = ServiceMetrics(registry, max_batch_size=settings.max_batch_size,
+                             multiprocess_dir=str(workers.path) if workers is not None else None)
+    state = ServiceState(settings=settings, metrics=metrics, workers=workers,
+                         api_keys={} if settings.auth_disabled else dict(settings.scoped_api_keys()),
+                         auth_limiter=FailedAuthLimiter(settings.auth_failure_limit,
+                                                        settings.auth_failure_window_seconds),
+                         stages=Stages(max_uploads=settings.max_inflight_uploads,
+                                       max_decodes=settings.max_inflight_decodes, gauge=metrics.stage_inflight,
+                                       retry_after_seconds=settings.retry_after_seconds))
+    metrics.track_ready(lambda: state.serving)
+    return state
+
+
+async def start_state(state: ServiceState, runner_factory: RunnerFactory = default_runner) -> None:
+    """Load, check and warm up the bundle, open the decision record, start the batcher (the HTTP app's lifespan and
+    the DICOM node both start this way)."""
     settings, metrics = state.settings, state.metrics
     inference = state.inference_executor = inference_executor()
     loop = asyncio.get_running_loop()
@@ -150,6 +165,8 @@ async def _start(state: ServiceState, runner_factory: RunnerFactory) -> None:
         state.metrics_server, _ = start_http_server(settings.metrics_port, settings.metrics_host,
                                                     registry=metrics.registry)
     state.ready = True
+    if state.workers is not None:
+        state.workers.mark_ready()
     log.info("service_ready", model=m.name, version=m.version, provider=state.provider, classes=list(m.classes),
              cushion=bundle.cushion.describe(), bundle=str(bundle.root), max_batch_size=settings.max_batch_size,
              auth="disabled" if settings.auth_disabled else "api_key", bundle_digest=bundle.digest,
@@ -157,7 +174,7 @@ async def _start(state: ServiceState, runner_factory: RunnerFactory) -> None:
              else settings.metrics_access, docs=settings.docs_access, default_scope=settings.default_scope)
 
 
-async def _stop(state: ServiceState) -> None:
+async def stop_state(state: ServiceState) -> None:
     state.start_draining()
     state.ready = False
     if state.batcher is not None:
@@ -171,4 +188,6 @@ async def _stop(state: ServiceState) -> None:
         state.preprocess_pool.shutdown(wait=False, cancel_futures=True)
     if state.inference_executor is not None:
         state.inference_executor.shutdown(wait=False, cancel_futures=True)
+    if state.workers is not None:
+        state.workers.mark_stopped()
     log.info("service_stopped")

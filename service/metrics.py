@@ -4,11 +4,13 @@ The monitoring dashboards and alerts are built on exactly these names (namespace
 
     aegis_requests_total{route, status}             counter: HTTP requests by route template and status code
     aegis_request_duration_seconds{route}           histogram: end-to-end latency by route template
-    aegis_request_errors_total{reason}              counter: refused requests by reason (payload_too_large,
+    aegis_request_errors_total{reason}              counter: refused requests, and refused DICOM instances
+                                                    (STOW-RS, C-STORE), by reason (payload_too_large,
                                                     too_many_pixels, unsupported_media_type, undecodable,
                                                     unsupported_image, empty_body, missing_file, unauthorized,
                                                     not_ready, overloaded, timeout, inference_failed,
-                                                    invalid_request, internal, http, record_disabled)
+                                                    invalid_request, internal, http, record_disabled,
+                                                    malformed_multipart, not_an_image)
     aegis_diagnoses_total{diagnosis, decision}      counter: answered diagnoses; decision = accept | reject
     aegis_shield_logit{predicted_class}             histogram: the predicted class's Shield logit (high = clean);
                                                     its buckets are negative too, so (OpenMetrics) it has _bucket
@@ -32,13 +34,21 @@ The monitoring dashboards and alerts are built on exactly these names (namespace
 
 Process metrics (`process_*`) come from prometheus-client's process collector on the same registry.
 
-The service runs one process per container and scales by replicas, so these in-process counters are exact and no
-multiprocess mode is needed.
+One process (the default): the counters live in the process. With workers (`python -m service --workers N`,
+service/workers.py) prometheus-client's multiprocess mode keeps every worker's values in the shared folder and any
+worker's /metrics answers their aggregate: counters and histograms summed over workers (dead ones included, so that
+counts never go back), `aegis_queue_depth` and `aegis_inflight_requests` summed over live workers, `aegis_ready` the
+readiness of the whole group (what /readyz answers), `aegis_model_info` their maximum; no `process_*`
+metrics there (they would describe one worker only).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from service.runtime import batch_buckets
 
@@ -51,11 +61,15 @@ STAGE_GAUGES = ("upload", "decode", "queue", "inference")
 
 
 class ServiceMetrics:
-    """The service's metrics on `registry` (a fresh one when None, so that apps and tests never collide)."""
+    """The service's metrics on `registry` (a fresh one when None, so that apps and tests never collide).
+    `multiprocess_dir`: the workers' shared folder (PROMETHEUS_MULTIPROC_DIR, set before prometheus-client was
+    imported): the exposition is then the aggregate of every worker's values."""
 
     def __init__(self, registry: CollectorRegistry | None = None, max_batch_size: int = 32,
-                 process_collector: bool = True):
+                 process_collector: bool = True, multiprocess_dir: str | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.multiprocess_dir = multiprocess_dir
+        self._ready_probe: Callable[[], bool] = lambda: False
         r = self.registry
         self.requests = Counter("aegis_requests", "HTTP requests by route template and status code",
                                 ["route", "status"], registry=r)
@@ -71,21 +85,29 @@ class ServiceMetrics:
                                         ["stage"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("aegis_batch_size", "Images per ONNX Runtime call",
                                     buckets=[float(b) for b in batch_buckets(max_batch_size)], registry=r)
-        self.queue_depth = Gauge("aegis_queue_depth", "Requests waiting for a batch", registry=r)
-        self.stage_inflight = Gauge("aegis_stage_inflight", "Requests in each bounded stage", ["stage"], registry=r)
+        self.queue_depth = Gauge("aegis_queue_depth", "Requests waiting for a batch", registry=r,
+                                 multiprocess_mode="livesum")
+        self.stage_inflight = Gauge("aegis_stage_inflight", "Requests in each bounded stage", ["stage"], registry=r,
+                                    multiprocess_mode="livesum")
         for stage in STAGE_GAUGES:
             self.stage_inflight.labels(stage=stage)
-        self.inflight = Gauge("aegis_inflight_requests", "Diagnose requests being handled", registry=r)
-        self.ready = Gauge("aegis_ready", "1 when the bundle is loaded and warmed up", registry=r)
+        self.inflight = Gauge("aegis_inflight_requests", "Diagnose requests being handled", registry=r,
+                              multiprocess_mode="livesum")
         self.model_info = Gauge("aegis_model_info", "The served bundle and the execution provider in use",
                                 ["name", "version", "provider", "requested_device", "bundle_digest",
-                                 "bundle_signature"], registry=r)
+                                 "bundle_signature"], registry=r, multiprocess_mode="livemax")
         self.records_written = Counter("aegis_records_written", "Decisions written to the decision record",
                                        registry=r)
         self.record_errors = Counter("aegis_record_errors", "Decisions answered but not recorded, by reason",
                                      ["reason"], registry=r)
-        if process_collector:
+        if process_collector and multiprocess_dir is None:
             ProcessCollector(registry=r)
+        self._readiness = _Readiness(self)
+        r.register(self._readiness)
+
+    def track_ready(self, probe: Callable[[], bool]) -> None:
+        """`aegis_ready` follows `probe()`, read at scrape time."""
+        self._ready_probe = probe
 
     def set_model(self, name: str, version: str, provider: str, requested_device: str, bundle_digest: str = "",
                   bundle_signature: str = "unsigned") -> None:
@@ -98,4 +120,21 @@ class ServiceMetrics:
             self.stage_duration.labels(stage=stage).observe(seconds)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        aggregate = CollectorRegistry()
+        # readiness first: computing it drops the live gauges of dead workers before the files are summed
+        aggregate.register(self._readiness)
+        MultiProcessCollector(aggregate, path=self.multiprocess_dir)
+        return generate_latest(aggregate)
+
+
+class _Readiness:
+    """`aegis_ready`, read at scrape time from the probe (with workers: the whole group's readiness)."""
+
+    def __init__(self, metrics: ServiceMetrics):
+        self.metrics = metrics
+
+    def collect(self):
+        yield GaugeMetricFamily("aegis_ready", "1 when the bundle is loaded and warmed up (every worker's, with "
+                                "workers) and the service is not draining", value=float(self.metrics._ready_probe()))

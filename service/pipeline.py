@@ -71,6 +71,12 @@ class DefensePipeline:
         """Cushioned uint8 H x W x C -> float32 C x H x W in [0, 1]."""
         return np.ascontiguousarray(cushioned.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0)
 
+    @staticmethod
+    def from_input(row: np.ndarray) -> np.ndarray:
+        """The inverse of `to_input`: a model input row back to the Cushioned uint8 H x W x C (exact: u / 255 in
+        float32 rounds back to u)."""
+        return np.rint(np.asarray(row, dtype=np.float32) * np.float32(255.0)).astype(np.uint8).transpose(1, 2, 0)
+
     def decide(self, logits: np.ndarray, shield_logits: np.ndarray, timings: dict[str, float] | None = None) -> Verdict:
         """One row of the graph's outputs -> the Verdict."""
         logits = np.asarray(logits, dtype=np.float64)

@@ -12,6 +12,7 @@ from service.config import Settings
 from service.metrics import ServiceMetrics
 from service.pipeline import DefensePipeline
 from service.record import DecisionRecorder, DisabledRecorder
+from service.workers import WorkerGroup
 
 
 @dataclass
@@ -28,6 +29,7 @@ class ServiceState:
     preprocess_pool: ThreadPoolExecutor | None = None
     inference_executor: ThreadPoolExecutor | None = None  # the one thread of every model call
     recorder: DecisionRecorder | DisabledRecorder | None = None  # the decision record (service/record)
+    workers: WorkerGroup | None = None  # the other worker processes of this host (None: one process)
     provider: str = "none"
     ready: bool = False
     draining: bool = False
@@ -37,6 +39,14 @@ class ServiceState:
         I/O), so that it is safe inside a signal handler; `aegis_ready` is computed from the flags at scrape time."""
         self.draining = True
 
+    def readiness(self) -> str:
+        """ready | not_ready | draining; with workers, ready only while every worker of the group is."""
+        if self.draining or (self.workers is not None and self.workers.draining):
+            return "draining"
+        if not self.ready or (self.workers is not None and not self.workers.all_ready):
+            return "not_ready"
+        return "ready"
+
     @property
     def serving(self) -> bool:
-        return self.ready and not self.draining
+        return self.readiness() == "ready"

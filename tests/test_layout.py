@@ -23,7 +23,8 @@ TRAINING_LAYERS = [
     ["training.metrics", "training.distributed", "training.model_card"],
     ["training.attacks", "training.attacks.*"],
     ["training.inference", "training.runs", "training.export"],
-    ["training.evaluate", "training.classifier", "training.shields"],
+    ["training.evaluate", "training.classifier", "training.shields", "training.clean_logits"],
+    ["training.joint"],  # stage 3 builds on the Shield stage's attacker
     ["training.audit", "training.audit.*"],
     ["training.train"],
 ]

@@ -1,5 +1,5 @@
-"""Stage 1 of training: the classifier, standard or adversarially trained (Madry et al.), with the Cushion as
-augmentation."""
+"""Stage 1 of training: the classifier, standard or adversarially trained (Madry et al.'s PGD-AT, TRADES or MART),
+with the Cushion as augmentation."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from models.cushion import CushionBase
 from models.networks import AegisNet
-from training.attacks import Objective, PGDConfig, pgd
+from training.attacks import DivergenceObjective, Objective, PGDConfig, pgd
 from training.config import TrainConfig
 from training.data import Split, TrainImages
 from training.distributed import Worker, data_loader, progress
@@ -46,9 +46,7 @@ def train_classifier(cfg: TrainConfig, net: AegisNet, splits: dict[str, Split], 
         batches = data_loader(dataset, cfg.clf_batch_size, worker, epoch, cfg.seed)
         for x, y in progress(batches, worker, f"classifier {epoch}"):
             x, y = x.to(worker.device), y.to(worker.device)
-            if cfg.clf_adv_eps > 0:
-                x = adversarial_batch(cfg, model, x, y)
-            loss = F.cross_entropy(trainable(x), y, weight=class_weight, label_smoothing=0.05)
+            loss = classifier_loss(cfg, model, trainable, x, y, class_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -69,10 +67,62 @@ def train_classifier(cfg: TrainConfig, net: AegisNet, splits: dict[str, Split], 
             save_checkpoint(out, "classifier", epoch, net, optimizer, scheduler, history)
 
 
-def adversarial_batch(cfg: TrainConfig, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    """Replace the first `clf_adv_fraction` of the batch by PGD-L∞ images (random start, CE towards the most likely
-    wrong class, uint8-quantised) crafted against the current classifier."""
-    n = int(round(cfg.clf_adv_fraction * len(x)))
+def classifier_loss(cfg: TrainConfig, model: nn.Module, trainable: nn.Module, x: Tensor, y: Tensor,
+                    class_weight: Tensor) -> Tensor:
+    """The batch loss of `cfg.clf_objective` (class-weighted; `trainable` is `model`, DDP-wrapped when distributed).
+
+    pgd_at: CE on the batch with its first `clf_adv_fraction` replaced by PGD images (label smoothing 0.05).
+    trades (Zhang et al., ICML 2019): CE(clean) + beta * KL(p_clean || p_adv), x_adv maximising the KL.
+    mart (Wang et al., ICLR 2020): BCE(adv) + beta * KL(p_clean || p_adv) * (1 - p_clean[y]), where BCE adds
+    -log(1 - max wrong-class probability) to the adversarial CE, x_adv from PGD on the CE.
+    """
+    if cfg.clf_adv_eps <= 0:
+        return F.cross_entropy(trainable(x), y, weight=class_weight, label_smoothing=0.05)
+    if cfg.clf_objective == "pgd_at":
+        return F.cross_entropy(trainable(adversarial_batch(cfg, model, x, y)), y, weight=class_weight,
+                               label_smoothing=0.05)
+    n = len(y)
+    objective = DivergenceObjective(clean_probs=_clean_probs(model, x)) if cfg.clf_objective == "trades" else None
+    x_adv = adversarial_batch(cfg, model, x, y, objective, fraction=1.0)
+    logits = trainable(torch.cat([x, x_adv]))  # one forward: BatchNorm sees clean and adversarial images together
+    loss = trades_loss if cfg.clf_objective == "trades" else mart_loss
+    return (class_weight[y] / class_weight[y].mean() * loss(logits[:n], logits[n:], y, cfg.clf_beta)).mean()
+
+
+def _clean_probs(model: nn.Module, x: Tensor) -> Tensor:
+    was_training = model.training
+    with torch.no_grad():
+        probs = F.softmax(model.eval()(x), 1)
+    model.train(was_training)
+    return probs
+
+
+def _kl(clean: Tensor, adv: Tensor) -> Tensor:
+    """Per-example KL(softmax(clean) || softmax(adv))."""
+    return F.kl_div(F.log_softmax(adv, 1), F.softmax(clean, 1), reduction="none").sum(1)
+
+
+def trades_loss(clean: Tensor, adv: Tensor, y: Tensor, beta: float) -> Tensor:
+    """Per-example TRADES loss from clean and adversarial logits: CE(clean, y) + beta * KL(clean || adv)."""
+    return F.cross_entropy(clean, y, reduction="none") + beta * _kl(clean, adv)
+
+
+def mart_loss(clean: Tensor, adv: Tensor, y: Tensor, beta: float) -> Tensor:
+    """Per-example MART loss: CE(adv, y) - log(1 - max_{k != y} p_adv[k])
+    + beta * KL(clean || adv) * (1 - p_clean[y])."""
+    adv_probs = F.softmax(adv, 1)
+    wrong = adv_probs.masked_fill(F.one_hot(y, adv.shape[1]).bool(), 0.0).max(1).values
+    boosted_ce = F.cross_entropy(adv, y, reduction="none") - torch.log1p(-wrong.clamp(max=1 - 1e-6))
+    true_prob = F.softmax(clean, 1).gather(1, y[:, None]).squeeze(1)
+    return boosted_ce + beta * _kl(clean, adv) * (1 - true_prob)
+
+
+def adversarial_batch(cfg: TrainConfig, model: nn.Module, x: Tensor, y: Tensor, objective: Objective | None = None,
+                      fraction: float | None = None) -> Tensor:
+    """Replace the first `fraction` (default `clf_adv_fraction`) of the batch by PGD-L∞ images (random start,
+    `objective` — CE by default — towards the most likely wrong class, uint8-quantised) crafted against the current
+    classifier."""
+    n = int(round((cfg.clf_adv_fraction if fraction is None else fraction) * len(x)))
     if n == 0:
         return x
     with torch.no_grad():
@@ -81,5 +131,5 @@ def adversarial_batch(cfg: TrainConfig, model: nn.Module, x: Tensor, y: Tensor) 
         model.train(was_training)
     target = logits.masked_fill(F.one_hot(y[:n], logits.shape[1]).bool(), float("-inf")).argmax(1)
     config = PGDConfig(eps=cfg.clf_adv_eps, steps=cfg.clf_adv_steps)
-    x_adv = pgd(model, x[:n], target, Objective(), config).x_adv
+    x_adv = pgd(model, x[:n], target, objective or Objective(), config).x_adv
     return torch.cat([x_adv, x[n:]])

@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_args
 
-from training.options import BpdaBackward, Dataset, Direction, ObjectiveName, Smoothing, check_literals
+from training.options import (BpdaBackward, ClassifierObjective, Dataset, Direction, EpsSchedule, ObjectiveName,
+                              ShieldKind, Smoothing, check_literals)
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 DATA_FOLDERS = {"kermany": "kermany-pneumonia", "aptos": "aptos2019-dr"}
@@ -48,17 +49,23 @@ class TrainConfig:
     # features the attacker controls; 0 = standard training (the paper's)
     clf_adv_eps: float = 0.0
     clf_adv_steps: int = 5
-    clf_adv_fraction: float = 0.5  # share of each batch replaced by its PGD version (the rest stays clean)
+    clf_adv_fraction: float = 0.5  # pgd_at: share of each batch replaced by its PGD version (the rest stays clean)
+    clf_objective: ClassifierObjective = "pgd_at"  # trades / mart attack the whole batch (training.options)
+    clf_beta: float = 6.0  # trades / mart: weight of the KL robustness term (both papers' default)
     # Cushion (paper: JPEG quality 80)
     cushion: dict[str, Any] = field(default_factory=lambda: {"kind": "jpeg", "quality": 80})
     # Shield adversarial training (paper Eq. 3/4)
     shield_width: int = 32
+    shield_kind: ShieldKind = "per_class"  # or "shared_trunk": one tap trunk, a head per class (cheaper to serve)
     shield_epochs: int = 10
     shield_batch_size: int = 64
     shield_lr: float = 1e-3
     eps_start: float = 1 / 256  # epsilon curriculum 1/256 -> 16/256 (paper §4.1)
     eps_end: float = 16 / 256
     curriculum_epochs: int = 5  # epochs to ramp eps_start -> eps_end, then hold
+    # after the ramp: "curriculum" holds eps_end (the paper's); "uniform" draws each batch's budget from the grey
+    # levels eps_start..eps_end, so the Shields also learn to reject small perturbations (an attacker picks the budget)
+    eps_schedule: EpsSchedule = "curriculum"
     attack_steps: int = 7
     attack_step_size: float | None = None  # None: 2.5 * eps / attack_steps (engine default)
     # "wb": -S^t + J_cw (the evaluation's WB attack); "n1": CE on the (N+1)-class wrapper (the audit's wb_n1);
@@ -75,6 +82,10 @@ class TrainConfig:
     # and a Gaussian filter (the transfer attack's DI + TI), so the Shields also see smooth, low-frequency
     # perturbations like those a transfer attack makes; "none": plain gradients only
     attack_smoothing: Smoothing = "none"
+    # stage 3 (optional): classifier + Shields fine-tuned together against the (N+1)-class attacker (training.joint)
+    joint_epochs: int = 0
+    joint_lr: float = 1e-4
+    joint_adv_weight: float = 1.0  # weight of -log(p_right + p_reject) on the attacked images
     # calibration
     clean_rejection_rate: float = 0.05
     # evaluation written into the bundle (CPU scale by default; the paper uses the whole test split)
@@ -97,6 +108,8 @@ class TrainConfig:
                              f"several joined by '+', got {self.attack_objective!r}")
         if self.attack_bpda != "identity" and self.cushion.get("kind") != "jpeg":
             raise ValueError(f"attack_bpda={self.attack_bpda!r} needs a JPEG Cushion, got {self.cushion}")
+        if self.clf_objective != "pgd_at" and not self.clf_adv_eps > 0:
+            raise ValueError(f"clf_objective={self.clf_objective!r} is adversarial training: set clf_adv_eps > 0")
         if not 0 < self.eps_start <= self.eps_end:
             raise ValueError(f"need 0 < eps_start <= eps_end, got {self.eps_start}, {self.eps_end}")
 

@@ -156,12 +156,13 @@ def load_split(records: list[Record], spec: InputSpec) -> Split:
     return Split(load_images(records, spec), np.array([r.label for r in records], dtype=np.int64))
 
 
-def load_data(cfg: TrainConfig) -> tuple[dict[str, Split], dict]:
-    """The train / patient-disjoint val / test splits of a training config, and what the bundle says of them."""
+def load_data(cfg: TrainConfig, names: tuple[str, ...] = ("train", "val", "test")) -> tuple[dict[str, Split], dict]:
+    """The train / patient-disjoint val / test splits of a training config (only `names` loaded), and what the
+    bundle says of them."""
     spec = InputSpec(channels=cfg.channels, height=cfg.image_size, width=cfg.image_size)
     records = split_validation(load_records(cfg.dataset, cfg.resolved_data_dir), cfg.val_fraction, cfg.seed)
     splits, counts = {}, {}
-    for name in ("train", "val", "test"):
+    for name in names:
         chosen = [r for r in records if r.split == name]
         if cfg.limit_per_split:
             rng = np.random.default_rng(cfg.seed)

@@ -23,7 +23,7 @@ import json
 import logging
 import shlex
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import Tensor
 
-from models.bundle import load_bundle
+from models.bundle import CalibrationSpec, LogitDistribution, load_bundle
 from models.cushion import CushionBase
 from models.networks import AegisNet, load_aegis
 from training.attacks import AttackSpec, build_attack
@@ -39,7 +39,7 @@ from training.config import dataset_dir
 from training.data import CLASSES, load_records, load_split
 from training.export import update_bundle
 from training.inference import predict
-from training.metrics import auroc, realised_tnr, routed_scores, shield_threshold, tpr_at_tnr
+from training.metrics import auroc, realised_tnr, routed_clean_logits, routed_scores, shield_threshold, tpr_at_tnr
 from training.model_card import model_card
 
 log = logging.getLogger("aegis.evaluate")
@@ -47,35 +47,51 @@ log = logging.getLogger("aegis.evaluate")
 EPS = 16 / 256
 
 
-def attack_suite(thresholds: Tensor, steps: int = 100, kappa: float = 10.0) -> list[AttackSpec]:
-    """The acceptance suite, from the attack library (adaptive attacks: step eps/8 = 2/256, reference §11)."""
+def attack_suite(thresholds: Tensor, steps: int = 100, kappa: float = 10.0, eps: float = EPS) -> list[AttackSpec]:
+    """The acceptance suite at budget `eps` (the paper's 16/256 by default), from the attack library (adaptive
+    attacks: step eps/8 = 2/256 at 16/256, reference §11)."""
     def named(name: str, spec: AttackSpec) -> AttackSpec:
         return replace(spec, name=name)
 
     return [
         # No thresholds: this attacker ignores the Shield, also when it picks its best iterate.
-        named("pgd20", build_attack("pgd_linf", eps=EPS, steps=20)),
-        named(f"wb{steps}", build_attack("wb", eps=EPS, steps=steps, thresholds=thresholds, kappa=kappa)),
-        named(f"wbd{steps}", build_attack("wbd", eps=EPS, steps=steps, thresholds=thresholds, kappa=kappa)),
-        named(f"spgd{steps}", build_attack("spgd", eps=EPS, steps=steps, thresholds=thresholds, kappa=kappa)),
+        named("pgd20", build_attack("pgd_linf", eps=eps, steps=20)),
+        named(f"wb{steps}", build_attack("wb", eps=eps, steps=steps, thresholds=thresholds, kappa=kappa)),
+        named(f"wbd{steps}", build_attack("wbd", eps=eps, steps=steps, thresholds=thresholds, kappa=kappa)),
+        named(f"spgd{steps}", build_attack("spgd", eps=eps, steps=steps, thresholds=thresholds, kappa=kappa)),
     ]
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """Per-class thresholds, and the clean logits routed to each Shield that they were calibrated on."""
+
+    thresholds: dict[str, float]
+    clean_logits: dict[str, np.ndarray]
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {name: int(len(values)) for name, values in self.clean_logits.items()}
+
+    def spec(self, rate: float, split: str) -> CalibrationSpec:
+        """The bundle's calibration section, with each class's clean logit distribution (schema 1.1)."""
+        return CalibrationSpec(clean_rejection_rate=rate, split=split, counts=self.counts,
+                               clean_logits={k: LogitDistribution.of(v) for k, v in self.clean_logits.items()})
+
+
+def calibrate_logits(logits: np.ndarray, shields: np.ndarray, labels: np.ndarray, classes: tuple[str, ...],
+                     rate: float) -> Calibration:
+    """Thresholds from the clean validation outputs of any runtime (torch here, ONNX Runtime in
+    `training.clean_logits`)."""
+    routed = routed_clean_logits(logits, shields, labels, classes)
+    return Calibration({name: shield_threshold(values, rate) for name, values in routed.items()}, routed)
+
+
 def calibrate(net: AegisNet, x_val: Tensor, labels: np.ndarray, cushion: CushionBase, classes: tuple[str, ...],
-              rate: float) -> tuple[dict[str, float], dict[str, int]]:
-    """Per-class thresholds on clean validation images routed (by prediction) to each Shield, and their counts."""
+              rate: float) -> Calibration:
+    """Per-class thresholds on clean validation images routed (by prediction) to each Shield."""
     logits, shields = predict(net, x_val, cushion)
-    pred = logits.argmax(1)
-    thresholds, counts = {}, {}
-    for k, name in enumerate(classes):
-        routed = shields[pred == k, k]
-        if len(routed) == 0:  # no validation image predicted as k: calibrate on those labelled k instead
-            log.warning("no validation image is predicted as %s; calibrating its Shield on the %s-labelled ones",
-                        name, name)
-            routed = shields[labels == k, k]
-        counts[name] = int(len(routed))
-        thresholds[name] = shield_threshold(routed, rate)
-    return thresholds, counts
+    return calibrate_logits(logits, shields, labels, classes, rate)
 
 
 def clean_metrics(net: AegisNet, x: Tensor, labels: np.ndarray, cushion: CushionBase, thresholds: np.ndarray) -> dict:

@@ -9,8 +9,10 @@ calibration and evaluation, so the thresholds and every figure belong to exactly
 
 from __future__ import annotations
 
+import argparse
 import io
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,8 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from models.bundle import CARD_FILE, ONNX_FILE, WEIGHTS_FILE, Bundle, Manifest, write_manifest
+from models.bundle import (CARD_FILE, ONNX_FILE, SCHEMA_VERSION, WEIGHTS_FILE, Bundle, CalibrationSpec, Manifest,
+                           write_manifest)
 from models.imaging import InputSpec
 from models.networks import AegisNet
 
@@ -50,6 +53,27 @@ def _half_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
                                       name=f"{init.name}__cast"))
     for node in reversed(casts):
         graph.node.insert(0, node)
+    return model
+
+
+def float32_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The inverse of `_half_initializers`, for outside auditors: every float16 initializer behind a Cast node becomes
+    a float32 initializer under the Cast's output name, and the Cast goes. The same function, the same values (float16
+    is exact in float32); tools that expect Conv weights as initializers (onnx2torch) then load the graph as is.
+
+        python -m training.export float32 models/default/aegis.onnx aegis-float32.onnx
+    """
+    graph = model.graph
+    halves = {init.name: init for init in graph.initializer if init.data_type == onnx.TensorProto.FLOAT16}
+    for node in list(graph.node):
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        if node.op_type != "Cast" or to != onnx.TensorProto.FLOAT or node.input[0] not in halves:
+            continue
+        half = halves.pop(node.input[0])
+        graph.initializer.remove(half)
+        graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(half).astype(np.float32),
+                                                         name=node.output[0]))
+        graph.node.remove(node)
     return model
 
 
@@ -102,16 +126,44 @@ def write_bundle(bundle_dir: Path, net: AegisNet, manifest: Manifest, card: str,
 
 
 def update_bundle(bundle: Bundle, *, card: str | None = None, metrics: dict | None = None,
-                  reports: dict[str, str] | None = None, files: dict[str, bytes] | None = None) -> Manifest:
+                  reports: dict[str, str] | None = None, files: dict[str, bytes] | None = None,
+                  calibration: CalibrationSpec | None = None) -> Manifest:
     """Write `files` (name -> content) and the new `card` into an existing bundle, merge `reports` (manifest key ->
-    file name) and replace `metrics` in its manifest, and re-hash every file."""
+    file name), replace `metrics` and `calibration` in its manifest, and re-hash every file. The manifest is
+    written at this code's schema version (minor versions only add optional fields)."""
     for name, content in (files or {}).items():
         (bundle.root / name).write_bytes(content)
     if card is not None:
         (bundle.root / CARD_FILE).write_text(card, encoding="utf-8")
-    update = {}
+    update: dict = {"schema_version": SCHEMA_VERSION}
+    if calibration is not None:
+        if calibration.counts != bundle.manifest.calibration.counts or \
+                calibration.clean_rejection_rate != bundle.manifest.calibration.clean_rejection_rate:
+            raise ValueError("a new calibration must keep the bundle's rate and counts (its thresholds stay)")
+        update["calibration"] = calibration
     if metrics is not None:
         update["metrics"] = metrics
     if reports:
         update["reports"] = {**bundle.manifest.reports, **reports}
     return write_manifest(bundle.root, bundle.manifest.model_copy(update=update))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.export",
+                                     description="Bundle graph tools for outside auditors.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    convert = commands.add_parser("float32", help="write a bundle's aegis.onnx with float32 initializers and no "
+                                  "Cast nodes (loadable by onnx2torch; same outputs)")
+    convert.add_argument("source", type=Path, help="aegis.onnx, or a bundle folder")
+    convert.add_argument("out", type=Path, help="the float32 graph to write")
+    args = parser.parse_args(argv)
+    source = args.source / ONNX_FILE if args.source.is_dir() else args.source
+    model = float32_initializers(onnx.load(source))
+    onnx.checker.check_model(model)
+    onnx.save(model, args.out)
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,11 +16,14 @@ Thresholds are fixed on clean validation data, never on test data.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import numpy as np
 from scipy.stats import bootstrap
 from sklearn.metrics import roc_auc_score, roc_curve
+
+log = logging.getLogger("aegis.metrics")
 
 
 def _labelled(clean: np.ndarray, adversarial: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -128,6 +131,22 @@ def detection_summary(clean: np.ndarray, attempted_scores: np.ndarray, reached: 
             out[f"{key}_ci95"] = list(bootstrap_ci(fn, *samples, n_resamples=n_resamples, seed=seed))
         out["bootstrap"] = {"method": "percentile", "resamples": n_resamples, "seed": seed}
     return out
+
+
+def routed_clean_logits(logits: np.ndarray, shield_logits: np.ndarray, labels: np.ndarray,
+                        classes: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Per class, the Shield logits of the clean images routed (by prediction) to its Shield: what its threshold is
+    calibrated on. A class that no image is predicted as falls back to the images labelled with it."""
+    pred = np.asarray(logits).argmax(1)
+    labels = np.asarray(labels)
+    routed = {}
+    for k, name in enumerate(classes):
+        chosen = pred == k
+        if not chosen.any():
+            log.warning("no clean image is predicted as %s; using the %s-labelled ones for its Shield", name, name)
+            chosen = labels == k
+        routed[name] = np.asarray(shield_logits)[chosen, k]
+    return routed
 
 
 def shield_threshold(clean_logits: np.ndarray, rejection_rate: float) -> float:

@@ -18,10 +18,25 @@ def _adversarial_training(training: dict) -> str:
     eps = training.get("clf_adv_eps") or 0
     if not eps:
         return ""
+    attack = f"PGD-{training.get('clf_adv_steps')} at {eps * 256:g}/256 on the whole batch"
+    if training.get("clf_objective") == "trades":
+        return f", adversarially with TRADES (Zhang et al. 2019, beta {training.get('clf_beta')}; {attack})"
+    if training.get("clf_objective") == "mart":
+        return f", adversarially with MART (Wang et al. 2020, beta {training.get('clf_beta')}; {attack})"
     return (f", adversarially (Madry et al.: {training.get('clf_adv_fraction', 0):.0%} of each batch replaced by "
             f"PGD-{training.get('clf_adv_steps')} images at {eps * 256:g}/256 towards the most likely wrong class)")
 
 
+def _joint_stage(training: dict) -> str:
+    if not training.get("joint_epochs"):
+        return ""
+    return (f"- Then classifier and Shields fine-tuned together for {training['joint_epochs']} epochs against the same "
+            "attacker, each attack to be classified correctly or rejected (reject as class N+1), clean accuracy "
+            "held by a clean term.\n")
+
+
+_SHIELD_KIND = {"per_class": "", "shared_trunk": " (one shared tap trunk, a head per class)"}
+_EPS_SCHEDULE = {"curriculum": "", "uniform": ", then each batch's budget drawn uniformly from those grey levels"}
 _BPDA_BACKWARD = {"identity": "an identity backward pass", "diffjpeg": "a differentiable-JPEG backward pass",
                   "mixed": "identity and differentiable-JPEG backward passes on alternate batches"}
 
@@ -50,13 +65,13 @@ def model_card(manifest: Manifest, metrics: dict, command: str) -> str:
   {manifest.input.channels}x{manifest.input.height}x{manifest.input.width} ({manifest.input.resize}), trained from
   {'scratch' if not manifest.training.get('pretrained') else 'local pretrained weights'}{_adversarial_training(manifest.training)}.
 - Cushion: `{manifest.cushion.describe()}` in front of the classifier.
-- Shield: one detector per class on taps {list(manifest.architecture.taps)} ({', '.join(manifest.architecture.tap_names)}),
+- Shield: one detector per class{_SHIELD_KIND[manifest.architecture.shield_kind]} on taps {list(manifest.architecture.taps)} ({', '.join(manifest.architecture.tap_names)}),
   width {manifest.architecture.shield_width}, adversarially trained for {manifest.training.get('shield_epochs')}
   epochs against a {manifest.training.get('attack_steps')}-step white-box attacker
   (objective `{manifest.training.get('attack_objective')}`, BPDA through the real Cushion with
   {_BPDA_BACKWARD[manifest.training.get('attack_bpda', 'identity')]}, ε curriculum
-  {manifest.training.get('eps_start', 0) * 256:.0f}/256 → {manifest.training.get('eps_end', 0) * 256:.0f}/256).
-- Decision: accept iff the Shield logit of the predicted class ≥ its threshold; thresholds
+  {manifest.training.get('eps_start', 0) * 256:.0f}/256 → {manifest.training.get('eps_end', 0) * 256:.0f}/256{_EPS_SCHEDULE[manifest.training.get('eps_schedule', 'curriculum')]}).
+{_joint_stage(manifest.training)}- Decision: accept iff the Shield logit of the predicted class ≥ its threshold; thresholds
   {json.dumps({k: round(v, 4) for k, v in manifest.thresholds.items()})} reject
   {manifest.calibration.clean_rejection_rate:.0%} of clean {manifest.calibration.split} images per class.
 

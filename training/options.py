@@ -19,6 +19,12 @@ Optimiser = Literal["pgd", "apgd"]
 ObjectiveName = Literal["wb", "n1", "shield", "ce"]
 BpdaBackward = Literal["identity", "diffjpeg", "mixed"]
 Smoothing = Literal["none", "mixed"]
+# the classifier's adversarial-training loss: "pgd_at" (Madry et al.: CE on a mix of PGD and clean images), "trades"
+# (Zhang et al. 2019: clean CE + beta KL(clean || adversarial)), "mart" (Wang et al. 2020: boosted CE on adversarial
+# images + beta KL weighted by how badly the clean image is classified)
+ClassifierObjective = Literal["pgd_at", "trades", "mart"]
+ShieldKind = Literal["per_class", "shared_trunk"]  # models.networks.SHIELD_KINDS
+EpsSchedule = Literal["curriculum", "uniform"]
 
 
 def choices(annotation) -> tuple | None:

@@ -25,7 +25,7 @@ from training.data import CLASSES
 def network_for(cfg: TrainConfig, pretrained: str | None = None) -> AegisNet:
     """The untrained AegisNet a config describes (`pretrained`: a local torchvision state dict for the backbone)."""
     return build_aegis(cfg.backbone, len(CLASSES[cfg.dataset]), cfg.channels, (cfg.image_size, cfg.image_size),
-                       cfg.taps, cfg.shield_width, pretrained)
+                       cfg.taps, cfg.shield_width, pretrained, shield_kind=cfg.shield_kind)
 
 
 def start_run(out: Path, cfg: TrainConfig, argv: list[str], main: bool) -> None:

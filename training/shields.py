@@ -65,6 +65,15 @@ def training_attacks(cfg: TrainConfig, eps: float) -> list[PGDConfig]:
     return [plain, with_transfer_smoothing(plain)]
 
 
+def batch_eps(cfg: TrainConfig, epoch: int, generator: torch.Generator) -> float:
+    """The training attacker's budget for one batch: the curriculum's (`cfg.eps_at`), or with
+    `eps_schedule="uniform"`, once the ramp is over, a grey level drawn uniformly from eps_start..eps_end."""
+    if cfg.eps_schedule == "curriculum" or epoch < cfg.curriculum_epochs - 1:
+        return cfg.eps_at(epoch)
+    low, high = round(cfg.eps_start * 256), round(cfg.eps_end * 256)
+    return int(torch.randint(low, high + 1, (1,), generator=generator)) / 256
+
+
 def train_shields(cfg: TrainConfig, net: AegisNet, splits: dict[str, Split], cushion: CushionBase, worker: Worker,
                   out: Path, checkpoint: dict | None, history: dict[str, list]) -> None:
     """Paper Eq. 4 with the gap closed: negatives are crafted by the WB objective towards the routed class.
@@ -82,14 +91,14 @@ def train_shields(cfg: TrainConfig, net: AegisNet, splits: dict[str, Split], cus
     start = resume_epoch(checkpoint, "shield", optimizer, scheduler)
     trainer = ShieldTrainer(net)
     trainable = DistributedDataParallel(trainer) if worker.world > 1 else trainer
-    num_classes = len(net.shields)
+    num_classes = net.classifier.head[-1].out_features
     objectives = training_objectives(cfg, num_classes)
     surrogates = training_surrogates(cfg)
     dataset = TrainImages(splits["train"], cushion, 0.0, cfg.seed + 1000 + worker.rank)
     generator = torch.Generator().manual_seed(cfg.seed + worker.rank)
+    budgets = torch.Generator().manual_seed(cfg.seed + 2)  # its own stream: the curriculum's runs stay as they were
     for epoch in range(start, cfg.shield_epochs):
         eps = cfg.eps_at(epoch)
-        attacks = training_attacks(cfg, eps)
         stats = {"loss": 0.0, "clean_accept": 0.0, "adv_reject": 0.0, "adv_label": 0.0, "n": 0}
         began = time.time()
         batches = data_loader(dataset, cfg.shield_batch_size, worker, epoch, cfg.seed)
@@ -99,6 +108,7 @@ def train_shields(cfg: TrainConfig, net: AegisNet, splits: dict[str, Split], cus
             target = (y + offset) % num_classes  # any class but the true one
             # every combination of objective, BPDA backward and attack setting in turn; sees the current Shields
             turn, objective = divmod(batch, len(objectives))
+            attacks = training_attacks(cfg, batch_eps(cfg, epoch, budgets))
             adv = pgd(net, x, target, objectives[objective], attacks[turn // len(surrogates) % len(attacks)],
                       cushion=cushion, surrogate=surrogates[turn % len(surrogates)])
             with torch.no_grad():

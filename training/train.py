@@ -1,5 +1,5 @@
-"""Train a defended Medical Aegis bundle: classifier -> adversarially trained Shields -> calibration -> evaluation
--> export (`models/bundle.py`).
+"""Train a defended Medical Aegis bundle: classifier -> adversarially trained Shields -> (optionally) both fine-tuned
+together (`joint_epochs`) -> calibration -> evaluation -> export (`models/bundle.py`).
 
 Single process (the CPU preset that builds the embedded default bundle, ~1 hour on 2 cores):
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from models.bundle import ArchitectureSpec, CalibrationSpec, Manifest, threshold_array
+from models.bundle import Manifest, threshold_array
 from models.cushion import parse_cushion
 from models.imaging import InputSpec
 from models.networks import AegisNet
@@ -35,6 +35,7 @@ from training.data import CLASSES, Split, load_data
 from training.distributed import setup_worker
 from training.evaluate import attack_metrics, attack_suite, calibrate, clean_metrics
 from training.export import round_to_half, write_bundle
+from training.joint import train_jointly
 from training.model_card import model_card
 from training.runs import load_checkpoint, load_finished_classifier, load_finished_run, network_for, start_run
 from training.shields import train_shields
@@ -50,9 +51,10 @@ def finish_bundle(cfg: TrainConfig, net: AegisNet, splits: dict[str, Split], dat
     classes = CLASSES[cfg.dataset]
     cushion = parse_cushion(cfg.cushion)
     spec = InputSpec(channels=cfg.channels, height=cfg.image_size, width=cfg.image_size)
-    thresholds, counts = calibrate(net, splits["val"].tensor(), splits["val"].labels, cushion, classes,
-                                   cfg.clean_rejection_rate)
-    log.info("thresholds %s on %s validation images", thresholds, counts)
+    calibration = calibrate(net, splits["val"].tensor(), splits["val"].labels, cushion, classes,
+                            cfg.clean_rejection_rate)
+    thresholds = calibration.thresholds
+    log.info("thresholds %s on %s validation images", thresholds, calibration.counts)
     thresholds_by_index = threshold_array(thresholds, classes)
     x_test, y_test = splits["test"].tensor(), splits["test"].labels
     metrics: dict = {"clean": clean_metrics(net, x_test, y_test, cushion, thresholds_by_index)}
@@ -72,9 +74,8 @@ def finish_bundle(cfg: TrainConfig, net: AegisNet, splits: dict[str, Split], dat
     manifest = Manifest(
         name=cfg.name, version=cfg.version, classes=classes, input=spec, cushion=cfg.cushion,
         thresholds=thresholds,
-        calibration=CalibrationSpec(clean_rejection_rate=cfg.clean_rejection_rate, split="val", counts=counts),
-        architecture=ArchitectureSpec(backbone=cfg.backbone, taps=tuple(net.classifier.taps),
-                                      tap_names=net.classifier.tap_names, shield_width=cfg.shield_width),
+        calibration=calibration.spec(cfg.clean_rejection_rate, "val"),
+        architecture=net.architecture(),
         training=cfg.to_dict(), data=data_info, metrics=metrics)
     return write_bundle(bundle_dir, net, manifest, model_card(manifest, metrics, command))
 
@@ -136,7 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         log.info("classifier taken from %s (%d epochs)", args.classifier_from, len(history["classifier"]))
     elif checkpoint is None or checkpoint["stage"] == "classifier":
         train_classifier(cfg, net, splits, cushion, worker, out, checkpoint, history)
-    train_shields(cfg, net, splits, cushion, worker, out, checkpoint, history)
+    if checkpoint is None or checkpoint["stage"] != "joint":
+        train_shields(cfg, net, splits, cushion, worker, out, checkpoint, history)
+    if cfg.joint_epochs > 0:
+        train_jointly(cfg, net, splits, cushion, worker, out, checkpoint, history)
     if worker.world > 1:
         dist.barrier()
     if args.save_rank_weights:

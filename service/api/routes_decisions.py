@@ -21,7 +21,8 @@ router = APIRouter(tags=["decision record"])
 
 
 @router.get("/v1/decisions", response_model=DecisionsPage,
-            responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+            responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse},
+                       422: {"model": ErrorResponse, "description": "invalid query"}, 503: {"model": ErrorResponse}},
             summary="The decision record: every decision, oldest first, without patient data")
 async def decisions(
     state: StateDep, _auth: FullScopeDep,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
 from starlette.datastructures import UploadFile
 
-from service import diagnosis
+from service import diagnosis, review
 from service.api.deps import ApiKeyDep, ReadyStateDep
-from service.api.schemas import DiagnoseResponse, ErrorResponse, InputInfo, ModelRef
+from service.api.schemas import DiagnoseResponse, ErrorResponse, InputInfo, ModelRef, ReviewImages
 from service.decode import DecodedImage, check_media_type
 from service.errors import MissingFile, PayloadTooLarge
 from service.pipeline import Verdict
@@ -33,6 +36,7 @@ OPENAPI_BODY = {
     }
 }
 ERRORS = {code: {"model": ErrorResponse, "description": text} for code, text in {
+    400: "malformed multipart body (no boundary, more than 8 fields or more than 1 file)",
     401: "missing or invalid API key",
     413: "body above max_upload_bytes, or image above max_pixels / max_dicom_pixels",
     415: "not PNG/JPEG/DICOM, content type contradicts the bytes, or compressed DICOM without a decoder",
@@ -66,7 +70,10 @@ async def read_image(request: Request, max_bytes: int) -> tuple[bytes, str | Non
              summary="Diagnose one image with the Cushion + Shield defence (alias of /v1/diagnose)")
 @router.post("/v1/diagnose", response_model=DiagnoseResponse, responses=ERRORS, openapi_extra=OPENAPI_BODY,
              response_model_exclude_none=True, summary="Diagnose one image with the Cushion + Shield defence")
-async def diagnose(request: Request, state: ReadyStateDep, _auth: ApiKeyDep) -> DiagnoseResponse:
+async def diagnose(request: Request, state: ReadyStateDep, _auth: ApiKeyDep,
+                   images: Annotated[bool, Query(description="also return the uploaded image as decoded and the "
+                                                         "Cushioned model input, as PNG data URLs")] = False,
+                   ) -> DiagnoseResponse:
     result = await diagnosis.diagnose(state, lambda: read_image(request, state.settings.max_upload_bytes),
                                       request_id=request.state.request_id,
                                       key_id=getattr(request.state, "api_key_id", None),
@@ -75,7 +82,12 @@ async def diagnose(request: Request, state: ReadyStateDep, _auth: ApiKeyDep) -> 
     request.state.log.update(format=decoded.format, width=decoded.width, height=decoded.height,
                              diagnosis=verdict.diagnosis, decision=verdict.decision,
                              shield_logit=round(verdict.shield_logit, 4), batch_size=result.batch_size)
-    return _response(request, state, decoded, verdict)
+    response = _response(request, state, decoded, verdict)
+    if images:  # PNG encoding off the event loop, in the pool that decodes
+        pictures = await asyncio.get_running_loop().run_in_executor(
+            state.preprocess_pool, review.previews, decoded, result.model_input)
+        response.images = ReviewImages(**pictures)
+    return response
 
 
 def _response(request: Request, state: ServiceState, decoded: DecodedImage, verdict: Verdict) -> DiagnoseResponse:

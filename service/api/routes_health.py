@@ -15,9 +15,7 @@ router = APIRouter(tags=["operations"])
 
 
 def readiness(state) -> str:
-    if state.draining:
-        return "draining"
-    return "ready" if state.ready else "not_ready"
+    return state.readiness()
 
 
 @router.get("/healthz", response_model=Status, summary="Liveness: the process answers")

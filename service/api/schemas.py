@@ -19,6 +19,13 @@ class InputInfo(BaseModel):
     height: int
 
 
+class ReviewImages(BaseModel):
+    uploaded: str = Field(description="the upload as the service decoded it (DICOM after its VOI window, upright), "
+                                      "at most 512 px on its long side: a PNG data URL")
+    model_input: str = Field(description="what the model saw: the image resized and Cushioned, at the model's "
+                                         "resolution: a PNG data URL")
+
+
 class DiagnoseResponse(BaseModel):
     """The answer. Callers with the `coarse` scope get request_id, diagnosis, decision, model and input only: the
     scores are what a black-box attacker optimises against (docs/security.md, "What the answer reveals")."""
@@ -38,6 +45,7 @@ class DiagnoseResponse(BaseModel):
     timings_seconds: dict[str, float] | None = Field(
         None, description="decode, prepare, cushion, queue, inference (the batch's ONNX Runtime call), total "
                           "(full scope only)")
+    images: ReviewImages | None = Field(None, description="only with ?images=true (the review page)")
 
 
 class ErrorResponse(BaseModel):

@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from models.bundle import BundleError, Manifest, load_bundle, write_manifest
+from models.bundle import BundleError, LogitDistribution, Manifest, load_bundle, write_manifest
 from models.cushion import JpegCushion
 from models.imaging import prepare_image
 from models.networks import load_aegis
@@ -97,3 +97,51 @@ def test_write_manifest_rehashes_new_files(bundle_copy):
     assert reloaded.report("security_report") == {"verdict": "example"}
     assert "security_report.json" in reloaded.manifest.files
     assert isinstance(reloaded.manifest, Manifest)
+
+
+def _as_schema_1_0(bundle_dir):
+    """Rewrite a bundle's manifest as a schema 1.0 one (no clean logit distribution), re-hashed."""
+    path = bundle_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["schema_version"] = "1.0"
+    del manifest["calibration"]["clean_logits"]
+    path.write_text(json.dumps(manifest))
+    return bundle_dir
+
+
+def test_new_bundles_carry_the_clean_logit_distribution(tiny_bundle_dir):
+    m = load_bundle(tiny_bundle_dir).manifest
+    assert m.schema_version == "1.1"
+    assert set(m.calibration.clean_logits) == set(m.classes)
+    for name, distribution in m.calibration.clean_logits.items():
+        assert distribution.n == m.calibration.counts[name] == sum(distribution.counts)
+        # the threshold is the clean rejection rate's order statistic of these same logits
+        assert distribution.quantile(0.0) <= m.thresholds[name] <= distribution.quantile(0.25)
+
+
+def test_schema_1_0_bundles_still_load(bundle_copy):
+    m = load_bundle(_as_schema_1_0(bundle_copy)).manifest
+    assert m.schema_version == "1.0" and m.calibration.clean_logits == {}
+
+
+def test_logit_distribution_matches_numpy():
+    values = np.arange(101, dtype=np.float64)  # quantile at level q is 100 q
+    d = LogitDistribution.of(values, bins=4)
+    assert d.quantile(0.5) == 50 and d.quantile(0.025) == pytest.approx(2.5) and d.quantile(1.0) == 100
+    assert d.counts == (25, 25, 25, 26) and d.edges == (0, 25, 50, 75, 100)  # numpy: the last bin is closed
+    with pytest.raises(ValueError, match="finite"):
+        LogitDistribution.of(np.array([1.0, np.nan]))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(n=d["n"] + 1), "counts summing to n|summarise"),
+    (lambda d: d.update(quantiles=list(reversed(d["quantiles"]))), "non-decreasing"),
+    (lambda d: d.update(edges=d["edges"][:-1]), "one more than its counts"),
+])
+def test_bad_clean_logit_distribution_is_refused(bundle_copy, edit, message):
+    path = bundle_copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest["calibration"]["clean_logits"]["NORMAL"])
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=message):
+        load_bundle(bundle_copy)

@@ -1,6 +1,8 @@
 """The embedded default bundle: integrity, size, parity, and its quality re-measured on real data."""
 
 import numpy as np
+import onnx
+import onnx2torch
 import onnxruntime as ort
 import pytest
 import torch
@@ -10,6 +12,7 @@ from models.bundle import DEFAULT_BUNDLE_DIR, load_bundle
 from models.imaging import prepare_image
 from models.networks import load_aegis
 from training.data import load_images, load_records
+from training.export import main as export_main
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +37,9 @@ def test_default_bundle_is_complete_and_small(bundle):
     assert size <= 50 * 2**20
     for attack in ("pgd20", "wb100", "wbd100", "spgd100"):
         assert attack in m.metrics["attacks"]
+    # python -m training.clean_logits --write: the validation images its thresholds were calibrated on
+    assert {k: d.n for k, d in m.calibration.clean_logits.items()} == m.calibration.counts == \
+        {"NORMAL": 212, "PNEUMONIA": 438}
 
 
 def test_default_bundle_onnx_matches_its_torch_weights(bundle):
@@ -89,3 +95,25 @@ def test_default_bundle_pgd_figure_in_its_manifest_is_reproducible(bundle, test_
     n = int(reached.sum())
     assert n >= 30, "too few successful attacks to compare"  # an adversarially trained classifier resists some
     assert abs(measured - claimed) <= 3 * np.sqrt(max(claimed * (1 - claimed), 0.05) / n) + 0.02, (measured, claimed)
+
+
+def test_the_float32_graph_loads_in_onnx2torch_and_gives_the_bundles_answers(bundle, test_split, tmp_path):
+    """Outside auditors attack the graph with their own tools: the shipped conversion (float16 initializers behind
+    Cast nodes -> float32 initializers) must load in onnx2torch and give ONNX Runtime's answers, with gradients."""
+    out = tmp_path / "aegis-float32.onnx"
+    assert export_main(["float32", str(DEFAULT_BUNDLE_DIR), str(out)]) == 0
+    graph = onnx.load(out).graph
+    assert not [n for n in graph.node if n.op_type == "Cast"]
+    assert {i.data_type for i in graph.initializer} <= {onnx.TensorProto.FLOAT, onnx.TensorProto.INT64}
+    x = test_split[0][:16]
+    shipped = ort.InferenceSession(str(bundle.onnx_path), providers=["CPUExecutionProvider"]).run(None, {"image": x})
+    converted = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"image": x})
+    for a, b in zip(shipped, converted):
+        np.testing.assert_array_equal(a, b)  # float16 values are exact in float32: the same graph
+    model = onnx2torch.convert(str(out)).eval()
+    image = torch.from_numpy(x).requires_grad_()
+    logits, shields = model(image)
+    np.testing.assert_allclose(logits.detach().numpy(), shipped[0], atol=1e-4)
+    np.testing.assert_allclose(shields.detach().numpy(), shipped[1], atol=1e-4)
+    shields.sum().backward()
+    assert image.grad is not None and float(image.grad.abs().sum()) > 0

@@ -69,3 +69,36 @@ def test_local_pretrained_weights_are_loaded(tmp_path):
     torch.save(reference.state_dict(), tmp_path / "resnet18.pth")
     model = TappedClassifier("resnet18", 2, 3, pretrained=tmp_path / "resnet18.pth")
     assert torch.equal(model.stem[0].weight, reference.conv1.weight)
+
+
+def test_a_shared_trunk_gives_one_logit_per_class_for_the_conv_cost_of_one_shield():
+    torch.manual_seed(0)
+    per_class = build_aegis("resnet18", 3, 1, (32, 32), shield_width=16)
+    shared = build_aegis("resnet18", 3, 1, (32, 32), shield_width=16, shield_kind="shared_trunk")
+    x = torch.rand(4, 1, 32, 32)
+    logits, shields = shared.eval()(x)
+    assert logits.shape == shields.shape == (4, 3)
+
+    def conv_weights(module):
+        return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Conv2d))
+
+    assert conv_weights(shared.shields) * 3 == conv_weights(per_class.shields)
+    # each class's logit is its own head on the same trunk features: changing one head moves one column only
+    with torch.no_grad():
+        shared.shields.heads[1][-1].bias += 5.0
+        _, moved = shared(x)
+    torch.testing.assert_close(moved - shields, torch.tensor([[0.0, 5.0, 0.0]]).expand(4, 3))
+
+
+@pytest.mark.parametrize("kind", ["per_class", "shared_trunk"])
+def test_a_network_describes_its_own_architecture_for_the_manifest(kind):
+    net = build_aegis("resnet18", 2, 1, (32, 32), taps=(2, 4), shield_width=8, shield_kind=kind)
+    spec = net.architecture()
+    assert (spec.backbone, spec.taps, spec.shield_width, spec.shield_kind) == ("resnet18", (2, 4), 8, kind)
+    rebuilt = build_aegis(spec.backbone, 2, 1, (32, 32), spec.taps, spec.shield_width, shield_kind=spec.shield_kind)
+    rebuilt.load_state_dict(net.state_dict())  # same modules, same names
+
+
+def test_an_unknown_shield_kind_is_refused():
+    with pytest.raises(ValueError, match="shield_kind"):
+        build_aegis("resnet18", 2, 1, (32, 32), shield_kind="shared")

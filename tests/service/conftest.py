@@ -1,4 +1,5 @@
-"""Service fixtures: an in-process harness (httpx over ASGI, lifespan entered), bundle variants, offline references."""
+"""Service fixtures: an in-process harness (httpx over ASGI, lifespan entered), bundle variants, the offline reference
+(models/reference.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 from PIL import Image
 
 from models.bundle import load_bundle, write_manifest
-from models.imaging import prepare_image
+from models.reference import OfflineReference
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = sorted((REPO / "samples").glob("*.png"))
@@ -118,33 +119,6 @@ def copy_bundle(src: Path, dst: Path, **manifest_updates) -> Path:
     write_manifest(dst, manifest.model_copy(update=manifest_updates))
     load_bundle(dst)  # still a valid bundle
     return dst
-
-
-class OfflineReference:
-    """The bundle's decision rule computed directly with models + onnxruntime (no service code)."""
-
-    def __init__(self, bundle_dir: Path):
-        import onnxruntime as ort
-
-        self.bundle = load_bundle(bundle_dir)
-        self.manifest = self.bundle.manifest
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        self.session = ort.InferenceSession(str(self.bundle.onnx_path), options, providers=["CPUExecutionProvider"])
-
-    def model_input(self, image: Image.Image) -> np.ndarray:
-        u = self.bundle.cushion(prepare_image(image, self.manifest.input))
-        return u.transpose(2, 0, 1)[None].astype(np.float32) / 255
-
-    def answer(self, image: Image.Image) -> dict:
-        x = self.model_input(image)
-        logits, shield = self.session.run(["logits", "shield_logits"], {"image": x})
-        k = int(np.argmax(logits[0]))
-        name = self.manifest.classes[k]
-        threshold = self.manifest.thresholds[name]
-        return {"diagnosis": name, "shield_logit": float(shield[0, k]), "threshold": threshold,
-                "decision": "accept" if shield[0, k] >= threshold else "reject", "logits": logits[0],
-                "shield_logits": shield[0], "x": x}
 
 
 @pytest.fixture(scope="session")

@@ -57,3 +57,40 @@ def make_dicom(pixels: np.ndarray | None, *, photometric: str = "MONOCHROME2", b
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def make_document(kind: str = "pdf") -> bytes:
+    """A non-image DICOM instance with patient data: an Encapsulated PDF ("pdf") or a Basic Text SR ("sr")."""
+    from pydicom.uid import BasicTextSRStorage, EncapsulatedPDFStorage
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = EncapsulatedPDFStorage if kind == "pdf" else BasicTextSRStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    for key, value in PATIENT.items():
+        setattr(ds, key, value)
+    if kind == "pdf":
+        ds.Modality = "DOC"
+        ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+        ds.EncapsulatedDocument = b"%PDF-1.4\n%%EOF\n"
+    else:
+        ds.Modality = "SR"
+        ds.ValueType = "CONTAINER"
+        ds.ContinuityOfContent = "SEPARATE"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def undecodable_transfer_syntax():
+    """A compressed transfer syntax no installed pydicom decoder reads (None when the decoders of every candidate are
+    installed, e.g. with the `dicom-codecs` extra)."""
+    from pydicom.uid import JPEGLosslessSV1, JPEGLSLossless
+
+    from service.decode import decodable_transfer_syntaxes
+
+    usable = set(decodable_transfer_syntaxes())
+    return next((uid for uid in (JPEGLSLossless, JPEGLosslessSV1) if uid not in usable), None)

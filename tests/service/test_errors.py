@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from tests.service.conftest import encode, png_bytes, serve
-from tests.service.dicom_factory import make_dicom
+from tests.service.dicom_factory import make_dicom, make_document
 
 
 def _png_with_size(width: int, height: int) -> bytes:
@@ -77,6 +77,9 @@ def test_dicom_refusals_are_clear(service, image_paths):
                                                 rows_cols=(64, 64)), "application/dicom"), 415,
                   "unsupported_media_type")
     assert "JPEG-LS" in body["detail"] and "pylibjpeg" in body["detail"]
+    for kind, name in (("pdf", "Encapsulated PDF Storage"), ("sr", "Basic Text SR Storage")):
+        body = _error(service.post_image(make_document(kind), "application/dicom"), 422, "not_an_image")
+        assert body["detail"].startswith(f"{name} is not an image")
 
 
 def test_oversize_body_is_413_by_header_and_while_streaming(bundle_dir, image_paths):

@@ -1,15 +1,20 @@
 """The training entry point end to end (tiny, real images), resume, presets, DDP, and a Shield that learns."""
 
+import copy
 import json
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models.bundle import load_bundle
+from models.cushion import JpegCushion
 from training.config import PRESETS_DIR, TrainConfig, load_config
 from training.train import main
 from tests.conftest import REPO
@@ -110,9 +115,7 @@ def test_ddp_ranks_end_with_identical_weights(tmp_path, kermany_dir):
 def test_briefly_trained_shield_separates_clean_from_attacked(small_net, xray_data, tmp_path):
     """Adversarial training of the Shields on 600 real images, then clean vs PGD on 96 unseen ones (5 epochs: with
     3 the AUROC sat at the bar and moved across it with the thread count)."""
-    import copy
 
-    from models.cushion import JpegCushion
     from training.attacks import Objective, PGDConfig, pgd
     from training.data import Split
     from training.distributed import SINGLE_CPU
@@ -206,7 +209,6 @@ def test_the_shield_training_attacker_objective_is_chosen_by_config():
 def _training_attacker_calls(small_net, xray_data, tmp_path, monkeypatch, cfg, record) -> list:
     """Train Shields one epoch (4 batches of 32 images) with `cfg`, recording `record(objective, config, surrogate)`
     for every call of the training attacker; each attack must stay inside its budget."""
-    import copy
 
     import training.shields as shields_module
     from models.cushion import parse_cushion
@@ -286,3 +288,143 @@ def test_train_config_refuses_an_unknown_attack_objective():
     with pytest.raises(ValueError, match="attack_objective must be one of"):
         TrainConfig(attack_objective="n1+cw")
     assert TrainConfig(attack_objective="n1+ce").attack_objective == "n1+ce"
+
+
+def test_trades_and_mart_losses_match_their_formulas_written_out():
+    from training.classifier import mart_loss, trades_loss
+
+    clean = torch.tensor([[2.0, -1.0], [0.5, 0.3]])
+    adv = torch.tensor([[0.0, 1.0], [0.4, 0.6]])
+    y = torch.tensor([0, 1])
+    p, q = clean.softmax(1).numpy(), adv.softmax(1).numpy()
+    kl = (p * np.log(p / q)).sum(1)
+    ce_clean = -np.log(p[[0, 1], [0, 1]])
+    ce_adv = -np.log(q[[0, 1], [0, 1]])
+    wrong = q[[0, 1], [1, 0]]  # binary: the one wrong class
+    np.testing.assert_allclose(trades_loss(clean, adv, y, 6.0).numpy(), ce_clean + 6.0 * kl, rtol=1e-5)
+    expected_mart = ce_adv - np.log(1 - wrong) + 6.0 * kl * (1 - p[[0, 1], [0, 1]])
+    np.testing.assert_allclose(mart_loss(clean, adv, y, 6.0).numpy(), expected_mart, rtol=1e-5)
+    assert trades_loss(clean, clean, y, 6.0).allclose(F.cross_entropy(clean, y, reduction="none"))
+
+
+def test_the_trades_attacker_moves_the_prediction_further_than_random_noise_of_the_same_budget(small_net, xray_data):
+    from training.attacks import DivergenceObjective
+    from training.classifier import adversarial_batch
+
+    x, y = xray_data[0][:16], xray_data[1][:16]
+    cfg = TrainConfig(clf_adv_eps=8 / 256, clf_adv_steps=5, clf_objective="trades")
+    model = small_net.classifier.eval()
+    with torch.no_grad():
+        clean_probs = model(x).softmax(1)
+    x_adv = adversarial_batch(cfg, model, x, y, DivergenceObjective(clean_probs=clean_probs), fraction=1.0)
+    assert (x_adv - x).abs().max() <= 8 / 256 + 1e-6
+    noisy = (x + (torch.randint(0, 2, x.shape) * 2 - 1) * 8 / 256).clamp(0, 1)
+    with torch.no_grad():
+        def divergence(images):
+            return F.kl_div(model(images).log_softmax(1), clean_probs, reduction="none").sum(1).mean()
+        assert divergence(x_adv) > 2 * divergence(noisy)
+
+
+@pytest.mark.parametrize("objective", ["trades", "mart"])
+def test_a_robust_classifier_objective_trains_and_lowers_its_loss(objective, small_net, xray_data):
+    from training.classifier import classifier_loss
+
+    chosen = torch.randperm(len(xray_data[1]), generator=torch.Generator().manual_seed(0))[:32]  # both classes
+    x, y = xray_data[0][chosen], xray_data[1][chosen]
+    cfg = TrainConfig(clf_adv_eps=8 / 256, clf_adv_steps=3, clf_objective=objective)
+    model = copy.deepcopy(small_net.classifier).train()  # the fixture is shared: train a copy
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.005)
+    weight = torch.ones(2)
+    losses = []
+    for _ in range(4):
+        torch.manual_seed(0)  # the same random starts, so the loss curve reflects the weights
+        loss = classifier_loss(cfg, model, model, x, y, weight)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert model.training and np.isfinite(losses).all()
+    assert losses[-1] < losses[0]
+
+
+def test_a_robust_classifier_objective_needs_an_attack_budget():
+    with pytest.raises(ValueError, match="clf_adv_eps > 0"):
+        TrainConfig(clf_objective="trades")
+    with pytest.raises(ValueError, match="TrainConfig.clf_objective must be one of"):
+        TrainConfig(clf_objective="TRADES", clf_adv_eps=8 / 256)
+
+
+def test_uniform_budgets_cover_every_grey_level_after_the_ramp_and_leave_the_curriculum_alone():
+    from training.shields import batch_eps
+
+    curriculum = TrainConfig(curriculum_epochs=5)
+    uniform = TrainConfig(curriculum_epochs=5, eps_schedule="uniform")
+    generator = torch.Generator().manual_seed(0)
+    for epoch in range(4):  # the ramp is the same for both
+        assert batch_eps(uniform, epoch, generator) == batch_eps(curriculum, epoch, generator) == uniform.eps_at(epoch)
+    assert {batch_eps(curriculum, 7, generator) for _ in range(50)} == {16 / 256}
+    drawn = [batch_eps(uniform, 7, generator) for _ in range(2000)]
+    assert set(drawn) == {level / 256 for level in range(1, 17)}  # every grey level 1..16, nothing else
+    counts = np.bincount([round(d * 256) for d in drawn])[1:]
+    assert counts.min() > 0.5 * counts.mean()  # roughly uniform
+    with pytest.raises(ValueError, match="eps_schedule must be one of"):
+        TrainConfig(eps_schedule="random")
+
+
+def test_shared_trunk_shields_train_through_the_same_loop(small_net, xray_data):
+    from models.networks import build_aegis
+    from training.data import Split
+    from training.distributed import SINGLE_CPU
+    from training.shields import train_shields
+
+    net = build_aegis("resnet18", 2, 1, (32, 32), shield_width=16, shield_kind="shared_trunk")
+    net.classifier.load_state_dict(small_net.classifier.state_dict())
+    x, y = xray_data[0][:64], xray_data[1][:64]
+    split = Split((x * 255).round().byte().permute(0, 2, 3, 1).numpy(), y.numpy())
+    cfg = TrainConfig(shield_epochs=2, curriculum_epochs=1, attack_steps=2, shield_batch_size=32,
+                      shield_kind="shared_trunk", eps_schedule="uniform", attack_objective="n1")
+    before = [p.clone() for p in net.shields.parameters()]
+    history = {"classifier": [], "shield": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        train_shields(cfg, net, {"train": split}, JpegCushion(), SINGLE_CPU, Path(tmp), None, history)
+    assert len(history["shield"]) == 2 and all(np.isfinite(e["loss"]) for e in history["shield"])
+    assert all(not torch.equal(a, b) for a, b in zip(before, net.shields.parameters()))  # trunk and both heads learn
+
+
+def test_right_or_rejected_is_the_log_probability_of_the_two_good_outcomes_written_out():
+    from training.joint import right_or_rejected
+
+    logits = torch.tensor([[2.0, 0.5], [0.1, 1.5]])
+    shields = torch.tensor([[0.7, -3.0], [0.2, -1.2]])  # image 0: class 0 accepted; image 1: class 1 rejected
+    y = torch.tensor([1, 0])
+    z, s = logits.numpy(), shields.numpy()
+    k = z.argmax(1)
+    view = np.c_[z, z.max(1) + (0.0 - s[[0, 1], k])]  # the rejected logit at thresholds 0
+    p = np.exp(view) / np.exp(view).sum(1, keepdims=True)
+    expected = np.log(p[[0, 1], [1, 0]] + p[:, 2])
+    np.testing.assert_allclose(right_or_rejected(logits, shields, y).numpy(), expected, rtol=1e-5)
+
+
+def test_joint_stage_moves_classifier_and_shields_and_keeps_batchnorm_statistics(small_net, xray_data):
+    from training.data import Split
+    from training.distributed import SINGLE_CPU
+    from training.joint import train_jointly
+
+    net = copy.deepcopy(small_net)
+    chosen = torch.randperm(len(xray_data[1]), generator=torch.Generator().manual_seed(1))[:64]
+    x, y = xray_data[0][chosen], xray_data[1][chosen]
+    split = Split((x * 255).round().byte().permute(0, 2, 3, 1).numpy(), y.numpy())
+    cfg = TrainConfig(joint_epochs=1, attack_steps=2, shield_batch_size=32, attack_objective="n1")
+    weights = {k: v.clone() for k, v in net.state_dict().items()}
+    history = {"classifier": [], "shield": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        train_jointly(cfg, net, {"train": split}, JpegCushion(), SINGLE_CPU, Path(tmp), None, history)
+        assert torch.load(Path(tmp) / "checkpoint.pt", weights_only=False)["stage"] == "joint"
+    entry, = history["joint"]
+    assert np.isfinite(entry["loss"]) and 0 <= entry["adv_right_or_rejected"] <= 1
+    after = net.state_dict()
+    assert not torch.equal(after["classifier.head.2.weight"], weights["classifier.head.2.weight"])
+    assert not torch.equal(after["shields.0.head.2.weight"], weights["shields.0.head.2.weight"])
+    for name in after:  # frozen BatchNorm: its running statistics are the classifier stage's
+        if "running_" in name:
+            assert torch.equal(after[name], weights[name]), name

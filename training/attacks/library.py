@@ -204,9 +204,13 @@ def _apgd_wb(eps, steps, thresholds, kappa=10.0, restarts=1):
                         PGDConfig(eps=eps, steps=steps, optimiser="apgd", restarts=restarts))
 
 
-def _apgd_ce(eps, steps, thresholds, restarts=1):
-    return _engine_spec("apgd_ce", f"APGD (Croce & Hein 2020) on targeted CE, {steps} steps, ignores the Shield",
-                        Objective(), PGDConfig(eps=eps, steps=steps, optimiser="apgd", restarts=restarts))
+def _apgd_ce(eps, steps, thresholds, restarts=1, backward="identity"):
+    if backward not in ("identity", "diffjpeg"):
+        raise ValueError(f"apgd_ce: backward must be 'identity' or 'diffjpeg', got {backward!r}")
+    surrogate = (lambda cushion: DiffJpeg(jpeg_quality(cushion))) if backward == "diffjpeg" else None
+    return _engine_spec("apgd_ce", f"APGD (Croce & Hein 2020) on targeted CE, {steps} steps, BPDA {backward}, "
+                        "ignores the Shield", Objective(),
+                        PGDConfig(eps=eps, steps=steps, optimiser="apgd", restarts=restarts), surrogate)
 
 
 def _wb_diffjpeg(eps, steps, thresholds, kappa=10.0, restarts=1):
@@ -249,12 +253,18 @@ def _fea(label_weight: float):
     return build
 
 
-def _hfc(use_cw: bool):
+# The HFC authors' schedule (MIRACLE-Center/Hierarchical_Feature_Constraint, HFC_Attack.py, CXR + ResNet-50): BIM
+# from the clean image with a fixed step of 0.5/256/50 and 2 eps / step iterations (3,200 at 16/256).
+HFC_REFERENCE_STEP = 0.5 / 256 / 50
+
+
+def _hfc(use_cw: bool, reference: bool = False):
     def build(eps, steps, thresholds, guide_pool: tuple[Tensor, Tensor] | None = None, mixtures=None,
               n_components=1, weight=1.0, kappa=100.0, restarts=1):
         if mixtures is None and guide_pool is None:
             raise ValueError("HFC needs mixtures=(layers, mixtures) from fit_hfc_mixtures, or guide_pool=(x, y)")
-        config = _wb_config(eps, steps, restarts)
+        config = (PGDConfig(eps=eps, steps=steps, step_size=HFC_REFERENCE_STEP, random_start=False) if reference
+                  else _wb_config(eps, steps, restarts))
         fitted: dict = {}
 
         def run(net, x, target, cushion: CushionBase | None = None):
@@ -267,10 +277,12 @@ def _hfc(use_cw: bool):
             return pgd(net, x, target, objective, config, cushion=cushion)
 
         loss = f"CW margin (kappa={kappa:g})" if use_cw else "CE"
+        schedule = (f"BIM from x, {steps} steps of {HFC_REFERENCE_STEP * 256:g}/256 (the authors' schedule)"
+                    if reference else f"{steps} steps of eps/8, random start")
         return AttackSpec("hfc_cw" if use_cw else "hfc",
                           f"HFC (Yao et al. 2021): {loss} + {weight:g} x Mahalanobis distance of every layer's pooled "
                           f"features (<= 512 channels) to the target class's GMM ({n_components} component(s)); "
-                          f"{steps} steps of eps/8, random start", run, eps, "linf", steps)
+                          f"{schedule}", run, eps, "linf", steps)
     return build
 
 
@@ -306,6 +318,8 @@ ATTACKS: dict[str, _Entry] = {
     "fea_cw": _Entry(_fea(1.0), LINF_EPS, 100, "Fea + CW margin on the label"),
     "hfc": _Entry(_hfc(False), LINF_EPS, 100, "PGD + hierarchical feature constraint (Yao et al. 2021)"),
     "hfc_cw": _Entry(_hfc(True), LINF_EPS, 100, "CW-L∞ + hierarchical feature constraint"),
+    "hfc_ref": _Entry(_hfc(False, reference=True), LINF_EPS, 2 * round(LINF_EPS / HFC_REFERENCE_STEP),
+                      "HFC with its authors' schedule: BIM, fixed step 0.5/256/50 (3,200 steps at 16/256)"),
 }
 
 
@@ -336,8 +350,8 @@ def build_attack(name: str, eps: float | None = None, steps: int | None = None, 
     `thresholds` (one Shield threshold per class) are required by the attacks on the Shield (wb, wbd, spgd, opgd,
     apgd_wb, wb_diffjpeg, wb_eot) and make success end-to-end for fea / hfc / transfer; the conventional attacks
     ignore them. Options per attack: restarts, kappa, momentum (mim), p (dim), kernel (tim), search_steps (cw_l2),
-    substitute (transfer_vgg16), guide_pool / layers (fea), guide_pool or mixtures, n_components, weight (hfc),
-    eot_samples, quality_spread, shift (wb_eot).
+    backward (apgd_ce: identity | diffjpeg), substitute (transfer_vgg16), guide_pool / layers (fea), guide_pool or
+    mixtures, n_components, weight (hfc), eot_samples, quality_spread, shift (wb_eot).
     """
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}; choose one of {sorted(ATTACKS)}")

@@ -125,6 +125,18 @@ class WhiteBoxObjective(CWObjective):
 
 
 @dataclass(frozen=True)
+class DivergenceObjective(Objective):
+    """TRADES's inner maximisation (Zhang et al., ICML 2019): move the prediction away from the clean one, i.e.
+    minimise -KL(p_clean || p(x')). `clean_probs` holds the clean softmax of the attacked batch; with the target
+    set to the most likely wrong class, the engine keeps a flipped iterate first, then the most divergent one."""
+
+    clean_probs: Tensor | None = None
+
+    def label_loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        return -F.kl_div(F.log_softmax(logits, 1), self.clean_probs, reduction="none").sum(1)
+
+
+@dataclass(frozen=True)
 class FeatureObjective(CWObjective):
     """Fea (Sabour et al., ICLR 2016; `attacks-reference.md` §2.1): match the features of a guide image of the
     target class at `feature_layers` (the Shield taps by default), so that the Shield sees a natural image.

@@ -6,6 +6,7 @@
     python -m training.audit table4 --bundle models/default --out results/table4
     python -m training.audit table5 --bundle models/default --out results/table5
     python -m training.audit report --bundle runs/x/bundle --scale cpu [--substitute runs/vgg16]
+    python -m training.audit ceiling --bundle models/default --set adaptive_steps=100   # robust accuracy, APGD-CE
 
 `--dataset` defaults to the bundle's training dataset; `--data-dir` to $AEGIS_DATA_DIR or ../shared/data/<dataset>.
 Tables write `<out>/<table>.json`, `.md` and `_roc.png`; `report` writes into the bundle and re-hashes its manifest.
@@ -14,6 +15,7 @@ Tables write `<out>/<table>.json`, `.md` and `_roc.png`; `report` writes into th
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shlex
 import sys
@@ -24,6 +26,7 @@ import torch
 from models.bundle import load_bundle
 from models.networks import load_aegis
 from training.audit import tables
+from training.audit.ceiling import ceiling_markdown, robust_accuracy
 from training.audit.harness import load_audit_data
 from training.audit.outputs import write_result
 from training.audit.report import security_report, summary_line, write_into_bundle
@@ -36,7 +39,7 @@ TABLES = ("table1", "table2", "table3", "table4", "table5")
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.audit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=(*TABLES, "report"))
+    parser.add_argument("command", choices=(*TABLES, "report", "ceiling"))
     parser.add_argument("--bundle", type=Path, default=None, help="bundle folder (default: the embedded one)")
     parser.add_argument("--dataset", choices=("kermany", "aptos"), help="default: the bundle's dataset")
     parser.add_argument("--data-dir", type=Path, help="dataset folder")
@@ -69,6 +72,17 @@ def main(argv: list[str] | None = None) -> int:
                          shlex.join(["python", "-m", "training.audit", *argv]))
     if args.substitute is not None:
         ctx.substitute = load_trained_classifier(args.substitute)
+    if args.command == "ceiling":
+        ceiling = robust_accuracy(ctx.net.classifier, *ctx.clean_test(), ctx.cushion, scale.eval_images,
+                                  scale.adaptive_steps, batch=scale.batch, seed=args.seed, n_resamples=scale.bootstrap)
+        ceiling.update(bundle=f"{m.name} {m.version}", scale=scale.to_dict(), command=ctx.command)
+        out = args.out or Path("results") / "ceiling"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "ceiling.json").write_text(json.dumps(ceiling, indent=2) + "\n")
+        (out / "ceiling.md").write_text(f"# Robustness ceiling: {m.name} {m.version}\n\n{ceiling_markdown(ceiling)}\n\n"
+                                        f"`{ctx.command}`\n")
+        print(ceiling_markdown(ceiling))
+        return 0
     attacks = args.attacks.split(",") if args.attacks else None
     if args.command == "report":
         result = security_report(ctx)

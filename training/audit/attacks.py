@@ -28,7 +28,7 @@ EXTERNAL = {"torchattacks_pgd"}  # attack code this project did not write (train
 # is on another scale) and the (N+1)-class attack's cross-entropy has none.
 TAKES_BUNDLE_KAPPA = {"wb", "wbd", "spgd", "opgd", "apgd_wb", "wb_diffjpeg", "wb_eot", "fea", "fea_cw"}
 NEEDS = {"fea": "guide_pool", "fea_cw": "guide_pool", "hfc": "guide_pool", "hfc_cw": "guide_pool",
-         "transfer_vgg16": "substitute"}
+         "hfc_ref": "guide_pool", "transfer_vgg16": "substitute"}
 
 
 class AttackUnavailable(RuntimeError):

@@ -16,7 +16,7 @@ from training.audit.attacks import Attack, run_attack, targets_for
 from training.config import dataset_dir
 from training.data import load_records, load_split
 from training.inference import predict
-from training.metrics import detection_summary, routed_scores
+from training.metrics import bootstrap_ci, detection_summary, routed_scores
 
 log = logging.getLogger("aegis.audit")
 
@@ -96,6 +96,8 @@ def shield_row(net, clean_x: Tensor, clean_y: np.ndarray, attacked: AttackedSet,
     row = detection_summary(clean_scores, adv_scores, reached, n_resamples, seed)
     row["max_linf"] = attacked.max_linf
     if judge_bypass:
-        row["bypass_rate"] = float(np.mean(reached & (adv_scores <= 0)))
+        bypassed = (reached & (adv_scores <= 0)).astype(float)
+        row["bypass_rate"] = float(np.mean(bypassed)) if len(bypassed) else float("nan")
+        row["bypass_rate_ci95"] = list(bootstrap_ci(np.mean, bypassed, n_resamples=max(n_resamples, 100), seed=seed))
         row["clean_rejection_rate"] = float(np.mean(clean_scores > 0))
     return row, (clean_scores, adv_scores[reached])

@@ -68,6 +68,8 @@ def markdown(result: dict, columns: list[tuple[str, str]]) -> str:
     flags = result.get("sanity_flags", [])
     lines += ["", f"**SANITY FLAGS ({len(flags)})**: " + ("none" if not flags else "")]
     lines += [f"- **{f['flag']}**: {f['message']}" for f in flags]
+    if result.get("summary_md"):  # e.g. the security report's strongest attack and robustness ceiling
+        lines += ["", result["summary_md"]]
     lines += ["", "| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
     for row in result["rows"]:
         if row.get("status", "ok") != "ok":

@@ -314,7 +314,7 @@ def _retrain_shields(ctx: Context, taps: tuple[int, ...], cushion_spec: dict) ->
                              "taps": list(taps), "cushion": cushion_spec, "shield_epochs": s.shield_epochs,
                              "curriculum_epochs": max(1, min(s.shield_epochs, m.training.get("curriculum_epochs", 5)))})
     net = build_aegis(m.architecture.backbone, len(m.classes), m.input.channels, (m.input.height, m.input.width),
-                      taps, m.architecture.shield_width)
+                      taps, m.architecture.shield_width, shield_kind=m.architecture.shield_kind)
     net.classifier.load_state_dict(ctx.net.classifier.state_dict())
     n = s.shield_images or len(ctx.data.y_train) // 2
     images = (ctx.data.x_train[:n] * 255).round().byte().permute(0, 2, 3, 1).numpy()
@@ -325,9 +325,9 @@ def _retrain_shields(ctx: Context, taps: tuple[int, ...], cushion_spec: dict) ->
                       {"classifier": [], "shield": []})
     net.eval()
     held = slice(n, None)
-    thresholds, _ = calibrate(net, ctx.data.x_train[held], ctx.data.y_train[held], cushion, m.classes,
-                              m.calibration.clean_rejection_rate)
-    return net, threshold_array(thresholds, m.classes)
+    calibration = calibrate(net, ctx.data.x_train[held], ctx.data.y_train[held], cushion, m.classes,
+                            m.calibration.clean_rejection_rate)
+    return net, threshold_array(calibration.thresholds, m.classes)
 
 
 def table5(ctx: Context, attacks: tuple[str, ...] = ("pgd", "cw", "hfc", "wb"),
