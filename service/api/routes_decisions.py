@@ -13,11 +13,11 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query
 
 from service.api.deps import FullScopeDep, StateDep
-from service.api.schemas import DecisionsPage, ErrorResponse
+from service.api.schemas import THROTTLED, DecisionsPage, ErrorResponse
 from service.errors import NotReady, RecordDisabled
 from service.record.store import DecisionFilter, query_decisions
 
-router = APIRouter(tags=["decision record"])
+router = APIRouter(tags=["decision record"], responses=THROTTLED)
 
 
 @router.get("/v1/decisions", response_model=DecisionsPage,

@@ -61,7 +61,9 @@ OPENAPI_BODY = {
     }
 }
 RESPONSES = {
-    **{code: answer for code, answer in ERRORS.items() if code in (401, 413, 503)},
+    # the service's own errors (before any instance is read) are its JSON ErrorResponse, not DICOM JSON
+    **{code: {**answer, "content": {"application/json": {}}} for code, answer in ERRORS.items()
+       if code in (401, 413, 429, 503)},
     200: {"description": "every instance diagnosed", "content": {DICOM_JSON: {}}},
     202: {"description": "some instances diagnosed, others refused (FailedSOPSequence)", "content": {DICOM_JSON: {}}},
     400: {"description": "not a readable multipart/related body"},

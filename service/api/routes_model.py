@@ -9,12 +9,12 @@ from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, Response
 
 from service.api.deps import FullScopeDep, ReadyStateDep
-from service.api.schemas import ErrorResponse, ModelResponse
+from service.api.schemas import THROTTLED, ErrorResponse, ModelResponse
 from service.errors import DocumentMissing
 from service.review import markdown_to_html
 
-router = APIRouter(tags=["model"])
-DOCUMENT_ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 503)}
+router = APIRouter(tags=["model"], responses=THROTTLED)
+DOCUMENT_ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 404, 422, 503)}  # 403: coarse keys
 MARKDOWN = "text/markdown; charset=utf-8"
 
 
@@ -41,14 +41,14 @@ def _document(text: str, format: Literal["markdown", "html"]) -> Response:
 
 @router.get("/v1/model/card", response_class=Response, responses=DOCUMENT_ERRORS,
             summary="The bundle's model card (MODEL_CARD.md), as Markdown or an HTML fragment")
-async def model_card(state: ReadyStateDep, _auth: ApiKeyDep,
+async def model_card(state: ReadyStateDep, _auth: FullScopeDep,
                      format: Literal["markdown", "html"] = "markdown") -> Response:
     return _document(state.bundle.model_card(), format)
 
 
 @router.get("/v1/model/security-report", response_class=Response, responses=DOCUMENT_ERRORS,
             summary="The bundle's security report (security_report.md), as Markdown or an HTML fragment")
-async def security_report(state: ReadyStateDep, _auth: ApiKeyDep,
+async def security_report(state: ReadyStateDep, _auth: FullScopeDep,
                           format: Literal["markdown", "html"] = "markdown") -> Response:
     text = state.bundle.report("security_report_md")
     if text is None:

@@ -12,9 +12,10 @@ from fastapi.responses import JSONResponse
 
 from service.api.deps import ApiKeyDep, StateDep
 from service.api.routes_health import readiness
-from service.api.schemas import ErrorResponse, OipError, OipLive, OipModelMetadata, OipReady, OipServerMetadata, OipTensor
+from service.api.schemas import (THROTTLED, ErrorResponse, OipError, OipLive, OipModelMetadata, OipReady,
+                                 OipServerMetadata, OipTensor)
 
-router = APIRouter(prefix="/v2", tags=["open inference protocol"])
+router = APIRouter(prefix="/v2", tags=["open inference protocol"], responses=THROTTLED)
 SERVER_NAME = "medical-aegis"
 AUTH_ERRORS = {401: {"model": ErrorResponse}, 429: {"model": ErrorResponse}}
 

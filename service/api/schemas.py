@@ -54,6 +54,12 @@ class ErrorResponse(BaseModel):
     request_id: str | None = None
 
 
+# Every route that checks an API key may answer 429: too many failed authentications from the caller's address
+# (service/security.py); the routers of such routes carry this in their documented responses.
+THROTTLED = {429: {"model": ErrorResponse, "description": "too many failed authentications from this address "
+                                                           "(Retry-After)"}}
+
+
 class ModelResponse(BaseModel):
     bundle_digest: str = Field(description="sha256 of the canonical manifest, which holds the sha256 of every other "
                                            "bundle file (models/bundle.py, bundle_digest)")
