@@ -13,6 +13,7 @@ httptools (AEGIS_HTTP=httptools) is faster but none of this applies: bound head 
 
 from __future__ import annotations
 
+import os
 import time
 
 import h11
@@ -23,11 +24,16 @@ TIMEOUT_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; 
                     b"content-length: %d\r\n\r\n%s" % (len(TIMEOUT_BODY), TIMEOUT_BODY))
 
 
+HEADER_TIMEOUT_ENV = "AEGIS_HEADER_TIMEOUT_SECONDS"
+
+
 class GuardedH11Protocol(H11Protocol):
-    header_timeout: float = 10.0  # set per server by `guarded_h11`
+    header_timeout: float = 10.0
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        # the server's setting, from the environment: worker processes (service/workers.py) are spawned with it
+        self.header_timeout = float(os.environ.get(HEADER_TIMEOUT_ENV, GuardedH11Protocol.header_timeout))
         self._head_timer = None
         self._first_byte: float | None = None
         self._stamped = None
@@ -67,5 +73,8 @@ class GuardedH11Protocol(H11Protocol):
         self.transport.close()
 
 
-def guarded_h11(header_timeout: float) -> type[GuardedH11Protocol]:
-    return type("GuardedH11Protocol", (GuardedH11Protocol,), {"header_timeout": header_timeout})
+def guarded_h11(header_timeout: float) -> str:
+    """uvicorn's `http` option for this protocol: an import string, which (unlike a class made per server) can be
+    handed to worker processes; the timeout travels in the environment they inherit."""
+    os.environ[HEADER_TIMEOUT_ENV] = str(header_timeout)
+    return "service.http:GuardedH11Protocol"

@@ -91,7 +91,7 @@ def bootstrap_ci(statistic: Callable[..., float], *samples: np.ndarray, n_resamp
 
     Samples may be multi-column arrays (e.g. score and reached-the-target per attempted attack): rows stay together.
     """
-    if any(len(s) == 0 for s in samples):
+    if any(len(s) < 2 for s in samples):  # no interval from fewer than two observations (scipy refuses them too)
         return float("nan"), float("nan")
     indices = tuple(np.arange(len(s)) for s in samples)
     result = bootstrap(indices, lambda *idx: statistic(*(s[i] for s, i in zip(samples, idx))),

@@ -49,7 +49,7 @@ def fmt(row: dict, key: str) -> str:
         return "n/a"
     text = f"{value:.3f}" if isinstance(value, float) else str(value)
     ci = row.get(f"{key}_ci95")
-    if ci and not any(math.isnan(c) for c in ci):
+    if ci and all(isinstance(c, (int, float)) and not math.isnan(c) for c in ci):  # None: NaN read back from JSON
         text += f" [{ci[0]:.2f}, {ci[1]:.2f}]"
     return text
 

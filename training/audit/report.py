@@ -120,8 +120,7 @@ def card_section(result: dict) -> str:
     worst = result.get("max_bypass")
     verdict = ("" if worst is None else
                f"Strongest attack over every budget: **{worst['attack']}** at {worst['eps_256']:g}/256, which passes "
-               f"the Shield on {worst['bypass_rate']:.0%} of attempted images (95% CI "
-               f"{worst['bypass_rate_ci95'][0]:.0%}–{worst['bypass_rate_ci95'][1]:.0%}). ")
+               f"the Shield on {worst['bypass_rate']:.0%} of attempted images{_interval(worst, '.0%')}. ")
     ceiling = f"\n{ceiling_markdown(result['ceiling'])}\n" if "ceiling" in result else ""
     return f"""{CARD_BEGIN}
 ## Security report (generated from `security_report.json`)
@@ -160,6 +159,13 @@ def write_into_bundle(bundle: Bundle, result: dict) -> list:
 
 def summary_line(result: dict) -> str:
     worst = result["max_bypass"]
-    low, high = worst["bypass_rate_ci95"]
     return (f"strongest over all budgets: {worst['attack']} at {worst['eps_256']:g}/256, bypass "
-            f"{worst['bypass_rate']:.3f} (95% CI {low:.3f}-{high:.3f}); {len(result['sanity_flags'])} sanity flag(s)")
+            f"{worst['bypass_rate']:.3f}{_interval(worst, '.3f')}; {len(result['sanity_flags'])} sanity flag(s)")
+
+
+def _interval(row: dict, spec: str) -> str:
+    """' (95% CI low–high)' of a row's bypass rate, or nothing when there is none (too few images; NaN or None)."""
+    ci = row.get("bypass_rate_ci95") or ()
+    if len(ci) != 2 or not all(isinstance(c, (int, float)) and c == c for c in ci):
+        return ""
+    return f" (95% CI {ci[0]:{spec}}–{ci[1]:{spec}})"

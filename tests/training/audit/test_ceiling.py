@@ -21,7 +21,10 @@ def test_ceiling_is_one_below_a_grey_level_and_falls_as_the_budget_grows(small_n
     below_a_level, small, large = result["rows"]
     assert below_a_level["robust_of_correct"] == 1.0  # uint8 quantisation: nothing moves under half a grey level
     assert large["robust_of_correct"] <= 0.1  # an undefended small net falls at 64/256
-    assert below_a_level["robust_of_correct"] >= small["robust_of_correct"] >= large["robust_of_correct"]
+    assert below_a_level["robust_of_correct"] >= small["robust_of_correct"] >= large["robust_of_correct"]  # always
+    with_larger_first = robust_accuracy(classifier, x, y, cushion, n_images=24, steps=10,
+                                        budgets=(64 / 256, 4 / 256), n_resamples=100)
+    assert [r["eps_256"] for r in with_larger_first["rows"]] == [4, 64]  # ascending, whatever order was asked
     for row in result["rows"]:
         assert set(row["robust_of_correct_by_backward"]) == {"identity", "diffjpeg"}
         # robust means robust to both gradients: never more than either alone
