@@ -100,7 +100,7 @@ def test_review_page_with_an_api_key(browser, default_reference, tmp_path):
         page.wait_for_selector("#key-form", state="visible")
         page.fill("#api-key", "wrong-key")
         page.click("#key-form button")
-        page.wait_for_function("document.getElementById('key-message').textContent.includes('not accepted')")
+        page.wait_for_function("() => document.getElementById('key-message').textContent.includes('not accepted')")
         page.fill("#api-key", KEY)
         page.click("#key-form button")
         page.wait_for_selector("#key-form", state="hidden")
@@ -140,7 +140,7 @@ def test_review_page_with_an_api_key(browser, default_reference, tmp_path):
 
         # the key is kept for the tab: a reload asks for nothing
         page.reload()
-        page.wait_for_function("document.getElementById('model-name').textContent.includes('2.2.0')")
+        page.wait_for_function("() => document.getElementById('model-name').textContent.includes('2.2.0')")
         assert page.is_hidden("#key-form")
         context.close()
 
@@ -149,7 +149,7 @@ def test_review_page_without_auth_and_an_old_bundle(browser, default_reference, 
     with real_server(old_bundle, tmp_path, **_service_env(tmp_path, AEGIS_AUTH_DISABLED="true")) as (_, base, _):
         page = browser.new_page(viewport=VIEWPORT)
         page.goto(base + "/")
-        page.wait_for_function("document.getElementById('model-name').textContent.includes('2.2.0')")
+        page.wait_for_function("() => document.getElementById('model-name').textContent.includes('2.2.0')")
         assert page.is_hidden("#key-form")
         _upload(page, PNEUMONIA.name, PNEUMONIA.read_bytes(), "image/png")
         _wait_for_result(page, set())
