@@ -135,8 +135,8 @@ def test_sigterm_under_load_finishes_the_requests_in_flight_refuses_new_connecti
             try:
                 answers.append(httpx.post(f"{server.url}/v1/diagnose", content=bodies[0], timeout=30, headers={
                     "content-type": "image/png", "x-api-key": KEY}))
-            except httpx.ConnectError:
-                return answers, time.monotonic()
+            except (httpx.ConnectError, httpx.ReadError):  # refused, or reset in the backlog as the listener closed:
+                return answers, time.monotonic()          # either way the request was never read (docs/benchmark.md)
             time.sleep(0.02)
         raise AssertionError("new connections were still accepted 30 s after SIGTERM")
 
