@@ -143,7 +143,7 @@ def test_sigterm_under_load_finishes_the_requests_in_flight_refuses_new_connecti
     async def scenario():
         async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=64)) as client:
             tasks = _burst(client, server.url, bodies, 32, "inflight")
-            await asyncio.sleep(0.15)
+            await asyncio.sleep(0.05)  # well inside the first micro-batch's 0.3 s wait: requests are in flight
             sent_at = time.monotonic()
             server.signal(signal.SIGTERM)
             probes, refused_at = await asyncio.to_thread(probe_until_refused)
