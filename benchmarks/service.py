@@ -148,17 +148,18 @@ def start_server(args: list[str], env: dict[str, str], cpus: set[int] | None = N
 
 
 async def _load(base: str, path: str, images: list[bytes], concurrency: int, seconds: float,
-                start_at: float | None = None) -> dict:
+                start_at: float | None = None, per_client: int = 4) -> dict:
     """`concurrency` closed-loop clients, warmed up until `start_at` (wall clock, so that client processes start
     measuring together; default: 1 s from now), then measured for `seconds`. httpx's pool slows down past ~8
-    connections per client, so the workers are spread over one AsyncClient per 4 connections (otherwise the load
-    generator, not the server, is measured). Answers the raw latencies (s), errors and the measured seconds."""
+    connections per client, so the workers are spread over one AsyncClient per `per_client` connections (otherwise
+    the load generator, not the server, is measured; `per_client=concurrency` is one plain AsyncClient, what an
+    integrator writes first). Answers the raw latencies (s), errors and the measured seconds."""
     import httpx
 
     latencies: list[float] = []
     errors = 0
-    n_clients = max(1, -(-concurrency // 4))
-    clients = [httpx.AsyncClient(base_url=base, timeout=60, limits=httpx.Limits(max_connections=4))
+    n_clients = max(1, -(-concurrency // per_client))
+    clients = [httpx.AsyncClient(base_url=base, timeout=60, limits=httpx.Limits(max_connections=per_client))
                for _ in range(n_clients)]
 
     async def worker(w: int, until: float, record: bool):
@@ -187,12 +188,16 @@ async def _load(base: str, path: str, images: list[bytes], concurrency: int, sec
 
 
 def _process_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a process (all its threads), from /proc; None where /proc is missing."""
+    """User + system CPU seconds of a process and its live descendants (all their threads: worker processes
+    included), from /proc; None where /proc is missing."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                    for c in (task / "children").read_text().split()]
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(_process_cpu_seconds(child) or 0.0 for child in children)
 
 
 def _client_process(job: tuple) -> dict:
@@ -210,20 +215,80 @@ def _client_process(job: tuple) -> dict:
     return result
 
 
+WRK_SCRIPT = """
+local bodies, i = {}, 0
+function init(args)
+  for _, f in ipairs(args) do local h = io.open(f, "rb"); bodies[#bodies + 1] = h:read("*a"); h:close() end
+  i = math.random(#bodies)
+end
+function request()
+  i = i % #bodies + 1
+  return wrk.format("POST", PATH, {["Content-Type"] = "image/png"}, bodies[i])
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('{"requests": %d, "duration_us": %d, "non2xx": %d, "socket_errors": %d, "p50_us": %d, ' ..
+    '"p95_us": %d, "p99_us": %d}\\n', summary.requests, summary.duration, e.status, e.connect + e.read + e.write +
+    e.timeout, latency:percentile(50), latency:percentile(95), latency:percentile(99)))
+end
+"""
+
+
+def _wrk_load(base: str, path: str, files: list[str], concurrency: int, seconds: float) -> dict:
+    """The same closed loop driven by `wrk` (Debian package, C, one thread): a load generator much lighter than
+    Python's, to tell the server's tail from the client's. Latency percentiles come from wrk's own histogram."""
+    import resource
+    import shutil
+
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise SystemExit("--client wrk needs wrk (apt-get install wrk)")
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "post.lua"
+        script.write_text(f'PATH = "{path}"\n' + WRK_SCRIPT, encoding="utf-8")
+        command = [wrk, "-t1", f"-c{concurrency}", "--timeout", "60s", "-s", str(script), base, "--", *files]
+        subprocess.run([*command[:3], "-d1s", *command[3:]], check=True, capture_output=True)  # warm-up
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out = subprocess.run([*command[:3], f"-d{max(1, round(seconds))}s", *command[3:]], check=True,
+                             capture_output=True, text=True).stdout
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = json.loads(out.strip().splitlines()[-1])
+    answered = result["requests"] - result["non2xx"]
+    return {"answered": answered, "errors": result["non2xx"] + result["socket_errors"],
+            "seconds": result["duration_us"] / 1e6,
+            "percentiles_ms": [result[k] / 1e3 for k in ("p50_us", "p95_us", "p99_us")],
+            "cpu_seconds": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime}
+
+
 def _measured_load(processes: list[subprocess.Popen], bases: list[str], path: str, images: list[bytes],
-                   concurrency: int, seconds: float) -> dict:
+                   concurrency: int, seconds: float, client: str = "pooled", files: list[str] | None = None) -> dict:
     """`_load` on every replica at once (the concurrency shared out over them, one client process each when there
-    are several), with the cores the server processes and the clients used while it ran (warm-up included)."""
+    are several), with the cores the server processes and the clients used while it ran (warm-up included).
+    `client`: pooled (httpx, one AsyncClient per 4 connections), httpx (one plain AsyncClient with all the
+    connections) or wrk."""
     import multiprocessing
 
     n = len(bases)
     shares = [s for s in (concurrency // n + (i < concurrency % n) for i in range(n)) if s]
     server0, started = [_process_cpu_seconds(p.pid) for p in processes], time.perf_counter()
+    if client == "wrk":
+        if len(shares) != 1:
+            raise SystemExit("--client wrk drives one replica")
+        run = _wrk_load(bases[0], path, files or [], shares[0], seconds)
+        server1, elapsed = [_process_cpu_seconds(p.pid) for p in processes], time.perf_counter() - started
+        known = None not in server0 + server1
+        return {"concurrency": concurrency, "replicas": 1, "client": client,
+                "requests_per_second": run["answered"] / run["seconds"],
+                **dict(zip(("p50_ms", "p95_ms", "p99_ms"), run["percentiles_ms"])), "errors": run["errors"],
+                "answered_per_replica": [run["answered"]],
+                "server_cores": (sum(server1) - sum(server0)) / elapsed if known else None,
+                "client_cores": run["cpu_seconds"] / elapsed}
+    per_client = {"pooled": 4, "httpx": concurrency}[client]
     if len(shares) == 1:
-        results = [_client_process((bases[0], path, images, shares[0], seconds))]
+        results = [_client_process((bases[0], path, images, shares[0], seconds, None, per_client))]
     else:
         start_at = time.time() + 5.0  # the spawned clients import this module first
-        jobs = [(base, path, images, share, seconds, start_at) for base, share in zip(bases, shares)]
+        jobs = [(base, path, images, share, seconds, start_at, per_client) for base, share in zip(bases, shares)]
         with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
             results = pool.map(_client_process, jobs)
     server1, elapsed = [_process_cpu_seconds(p.pid) for p in processes], time.perf_counter() - started
@@ -231,7 +296,8 @@ def _measured_load(processes: list[subprocess.Popen], bases: list[str], path: st
     q = np.percentile(latencies, [50, 95, 99]) if latencies else [float("nan")] * 3
     measured = max(r["seconds"] for r in results)
     known = None not in server0 + server1
-    return {"concurrency": concurrency, "replicas": len(bases), "requests_per_second": len(latencies) / measured,
+    return {"concurrency": concurrency, "replicas": len(bases), "client": client,
+            "requests_per_second": len(latencies) / measured,
             "p50_ms": q[0] * 1e3, "p95_ms": q[1] * 1e3, "p99_ms": q[2] * 1e3,
             "errors": sum(r["errors"] for r in results), "answered_per_replica": [len(r["latencies"]) for r in results],
             "server_cores": (sum(server1) - sum(server0)) / elapsed if known else None,
@@ -297,6 +363,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replicas", type=int, default=1,
                         help="server processes per endpoint (like replicas of one container each, sharing the "
                              "machine and its GPU), each driven by its own client process")
+    parser.add_argument("--client", choices=["pooled", "httpx", "wrk"], default="pooled",
+                        help="load generator: pooled = httpx, one AsyncClient per 4 connections (default); httpx = "
+                             "one plain AsyncClient with every connection (what an integrator writes first); wrk = "
+                             "Debian's wrk, a C load generator (apt-get install wrk)")
+    parser.add_argument("--http", choices=["h11", "httptools"], default=None,
+                        help="the service's HTTP protocol (AEGIS_HTTP; default: the service's default)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="server processes behind one port (python -m service --workers N), each with "
+                             "cores / N intra-op and decode threads")
+    parser.add_argument("--log-level", default="INFO",
+                        help="the service's log level (INFO, the default, writes one access line per request)")
     parser.add_argument("--serve-naive", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -324,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
                      "input": bundle.manifest.input.model_dump(), "cpu_count": os.cpu_count(),
                      "machine": platform.platform(), "command": " ".join(["python -m benchmarks.service", *sys.argv[1:]]),
                      "server_cpus": sorted(args.server_cpus) if args.server_cpus else "all", "replicas": args.replicas,
+                     "client": args.client, "http": args.http or "default", "workers": args.workers,
                      "client_cpus": sorted(client_cpus) if client_cpus else "all (shared with the server)"}
     print(json.dumps({k: figures[k] for k in ("bundle", "input", "images", "cpu_count", "server_cpus", "client_cpus",
                                               "replicas")}))
@@ -340,10 +418,17 @@ def main(argv: list[str] | None = None) -> int:
         print("defence cost:", json.dumps(cost))
 
     if not args.skip_http:
-        env = {"AEGIS_AUTH_DISABLED": "true", "AEGIS_LOG_LEVEL": "WARNING", "AEGIS_DEVICE": args.device,
+        env = {"AEGIS_AUTH_DISABLED": "true", "AEGIS_LOG_LEVEL": args.log_level, "AEGIS_DEVICE": args.device,
                "AEGIS_INTRA_OP_THREADS": str(args.threads), "AEGIS_MAX_BATCH_SIZE": str(args.max_batch_size),
                "AEGIS_MAX_BATCH_WAIT_SECONDS": str(args.max_batch_wait_seconds),
                "AEGIS_PREPROCESS_THREADS": str(len(args.server_cpus) if args.server_cpus else 0)}
+        if args.http:
+            env["AEGIS_HTTP"] = args.http
+        if args.workers > 1:  # N processes on one port; threads per worker so that workers x threads <= cores
+            cores = len(args.server_cpus) if args.server_cpus else os.cpu_count() or 1
+            per_worker = str(max(1, cores // args.workers))
+            env.update(AEGIS_WORKERS=str(args.workers), AEGIS_INTRA_OP_THREADS=per_worker,
+                       AEGIS_PREPROCESS_THREADS=per_worker)
         if client_cpus:
             os.sched_setaffinity(0, client_cpus)
         bundle_args = ["--bundle", str(bundle.root)]
@@ -356,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
                     servers.append(start_server(cmd, env, args.server_cpus))
                 processes, bases = [s[0] for s in servers], [s[1] for s in servers]
                 figures[f"{name}_process_cpus"] = sorted(os.sched_getaffinity(processes[0].pid))
-                rows = [_measured_load(processes, bases, path, images, c, args.seconds) for c in args.concurrency]
+                rows = [_measured_load(processes, bases, path, images, c, args.seconds, args.client, files)
+                        for c in args.concurrency]
             finally:
                 for process, _ in servers:
                     process.terminate()

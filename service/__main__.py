@@ -26,7 +26,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from service.config import Settings
-from service.http import guarded_h11
+from service.http import guarded_protocol
 
 log = structlog.get_logger("aegis.service")
 
@@ -65,14 +65,13 @@ class DrainingServer(uvicorn.Server):
 
 
 def http_limits(settings: Settings) -> dict:
-    """uvicorn options that bound a client before any authentication (docs/security.md, "HTTP limits")."""
-    limits = dict(limit_concurrency=settings.max_connections, timeout_keep_alive=settings.keep_alive_seconds)
-    if settings.http == "httptools":
-        log.warning("http_head_unbounded", detail="AEGIS_HTTP=httptools bounds neither the size nor the time of a "
-                                                  "request head: put a reverse proxy with those limits in front")
-        return limits | dict(http="httptools")
-    return limits | dict(http=guarded_h11(settings.header_timeout_seconds),
-                         h11_max_incomplete_event_size=settings.max_header_bytes)
+    """uvicorn options that bound a client before any authentication (docs/security.md, "HTTP limits"): both
+    protocols are guarded (head size and time, service/http.py)."""
+    limits = dict(limit_concurrency=settings.max_connections, timeout_keep_alive=settings.keep_alive_seconds,
+                  http=guarded_protocol(settings.http, settings.header_timeout_seconds, settings.max_header_bytes))
+    if settings.http == "h11":
+        limits["h11_max_incomplete_event_size"] = settings.max_header_bytes
+    return limits
 
 
 def checked_settings(overrides: dict) -> Settings | None:

@@ -91,6 +91,12 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
     return app
 
 
+def worker_app() -> FastAPI:
+    """The app factory every worker process calls (uvicorn `factory=True`, `service.workers.APP_FACTORY`): settings
+    from the environment that the supervisor set up."""
+    return create_app(Settings())
+
+
 def _docs_behind_key(app: FastAPI) -> None:
     """AEGIS_DOCS_ACCESS=key: the schema and its two viewers answer only with an API key (the viewers then fetch
     /openapi.json without one: read the schema with curl, or serve docs open where that is acceptable)."""

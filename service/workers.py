@@ -37,7 +37,7 @@ from uvicorn.supervisors.multiprocess import Multiprocess
 
 log = structlog.get_logger("aegis.workers")
 DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
-APP_FACTORY = "service.workers:worker_app"
+APP_FACTORY = "service.main:worker_app"  # imported in each worker: ONNX Runtime loads there, not in the supervisor
 _READY, _DRAINING = "ready-", "draining"
 
 
@@ -124,14 +124,6 @@ def prepare_shared_dir() -> tuple[Path, bool]:
     path = Path(tempfile.mkdtemp(prefix="aegis-workers-"))
     os.environ[DIR_VARIABLE] = str(path)
     return path, True
-
-
-def worker_app():
-    """The app factory every worker process calls (uvicorn `factory=True`): settings from the environment."""
-    from service.config import Settings  # local import: runs in the worker, after the supervisor set the environment
-    from service.main import create_app  # local import: ONNX Runtime is loaded in the workers, not the supervisor
-
-    return create_app(Settings())
 
 
 class Supervisor(Multiprocess):

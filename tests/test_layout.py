@@ -11,6 +11,8 @@ from fnmatch import fnmatch
 from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = ("models", "training", "service", "benchmarks")
 
@@ -51,9 +53,13 @@ def imported(path: Path, known: dict[str, Path]) -> set[str]:
     return {name for name in found if name in known}
 
 
-def training_graph() -> dict[str, set[str]]:
-    known = modules("training")
+def package_graph(package: str) -> dict[str, set[str]]:
+    known = modules(package)
     return {name: imported(path, known) - {name} for name, path in known.items()}
+
+
+def training_graph() -> dict[str, set[str]]:
+    return package_graph("training")
 
 
 def layer_of(name: str) -> int:
@@ -70,6 +76,15 @@ def test_training_imports_have_no_circle():
     except CycleError as error:
         raise AssertionError(f"import circle in training/: {' -> '.join(error.args[1])}") from None
     print("\n" + "\n".join(f"{name} -> {', '.join(sorted(graph[name])) or '-'}" for name in order))
+
+
+@pytest.mark.parametrize("package", ["models", "service", "benchmarks"])
+def test_no_import_circle_in(package):
+    graph = package_graph(package)  # function-local imports count: they are arrows too
+    try:
+        list(TopologicalSorter(graph).static_order())
+    except CycleError as error:
+        raise AssertionError(f"import circle in {package}/: {' -> '.join(error.args[1])}") from None
 
 
 def test_training_imports_point_down_the_layers():

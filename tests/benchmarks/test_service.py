@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -62,3 +63,31 @@ def test_replicas_share_the_load_each_with_its_own_client(tiny_bundle_dir, tmp_p
         assert row["replicas"] == 2 and row["errors"] == 0
         assert len(row["answered_per_replica"]) == 2 and min(row["answered_per_replica"]) > 0  # both replicas served
         assert row["requests_per_second"] > 0
+
+
+@pytest.mark.parametrize("client", ["httpx", pytest.param("wrk", marks=pytest.mark.skipif(
+    shutil.which("wrk") is None, reason="wrk is a Debian package (scripts/ci-system-deps.sh installs it)"))])
+def test_other_load_generators_drive_the_service(client, tiny_bundle_dir, tmp_path):
+    """One plain httpx AsyncClient (what an integrator writes first) and wrk (a C load generator) give the same kind
+    of row as the default client: answered requests, latency percentiles, no errors."""
+    out = tmp_path / "bench.json"
+    assert main(["--bundle", str(tiny_bundle_dir), "--seconds", "1", "--concurrency", "4", "--threads", "1",
+                 "--service-only", "--client", client, "--images", str(SAMPLES[0].parent / "*.png"),
+                 "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    row = figures["service"][0]
+    assert figures["client"] == client and row["client"] == client
+    assert row["requests_per_second"] > 0 and row["errors"] == 0
+    assert 0 < row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+    assert row["server_cores"] > 0
+
+
+def test_workers_are_driven_and_their_cpu_counted(tiny_bundle_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["--bundle", str(tiny_bundle_dir), "--seconds", "1", "--concurrency", "4", "--service-only",
+                 "--workers", "2", "--images", str(SAMPLES[0].parent / "*.png"), "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    row = figures["service"][0]
+    assert figures["workers"] == 2 and row["errors"] == 0 and row["requests_per_second"] > 0
+    # the supervisor itself does no request work: cores this large come from its worker processes
+    assert row["server_cores"] > 0.2

@@ -21,10 +21,11 @@ HEADER_TIMEOUT = 1.0
 MAX_CONNECTIONS = 6
 
 
-@pytest.fixture(scope="module")
-def server(bundle_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=["h11", "httptools"])
+def server(request, bundle_dir, tmp_path_factory):
+    """One real server per HTTP protocol: both are guarded (service/http.py)."""
     metrics_port = free_port()
-    with real_server(bundle_dir, tmp_path_factory.mktemp("limits"), AEGIS_API_KEYS=KEY,
+    with real_server(bundle_dir, tmp_path_factory.mktemp("limits"), AEGIS_API_KEYS=KEY, AEGIS_HTTP=request.param,
                      AEGIS_HEADER_TIMEOUT_SECONDS=str(HEADER_TIMEOUT), AEGIS_MAX_CONNECTIONS=str(MAX_CONNECTIONS),
                      AEGIS_MAX_HEADER_BYTES="8192", AEGIS_MAX_HEADER_COUNT="50",
                      AEGIS_METRICS_PORT=str(metrics_port)) as (process, base, log_path):
@@ -62,6 +63,28 @@ def test_a_huge_header_is_refused_before_authentication(server):
             pass  # the server closed the connection while the header was still coming: what we want
         answer = _response(sock)
     assert _status(answer) in (0, 400, 431), answer[:200]
+
+
+def test_a_head_growing_past_the_byte_limit_is_refused_and_a_large_body_is_not(server):
+    _, base, _, _ = server
+    lines = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"v" * 600) for i in range(20))  # ~12 KB in 20 headers (count ok)
+    with _connect(base) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        try:
+            for start in range(0, len(lines), 2000):  # the head arrives in reads of 2 KB, each under the limit
+                sock.sendall(lines[start:start + 2000])
+                time.sleep(0.05)
+            sock.sendall(b"Connection: close\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        assert _status(_response(sock)) in (400, 431)  # h11 says 400, the httptools guard 431
+    body = b"\x00" * 200_000  # a head split over two reads, then a body far larger than the head limit
+    with _connect(base) as sock:
+        sock.sendall(b"POST /v1/diagnose HTTP/1.1\r\nHost: x\r\n")
+        time.sleep(0.1)
+        sock.sendall(b"x-api-key: %s\r\ncontent-type: image/png\r\ncontent-length: %d\r\nConnection: close\r\n\r\n"
+                     % (KEY.encode(), len(body)) + body)
+        assert _status(_response(sock)) == 415  # read and judged (not PNG bytes), not cut as a large head
 
 
 def test_too_many_headers_are_431(server):
