@@ -9,7 +9,8 @@ frame that names one (table `STAGES`: the project's own modules first, then the 
 and the table says how many milliseconds of CPU per answered request each stage costs. A raw collapsed-stack file
 (`--out`, flamegraph.pl / speedscope input) is kept for a flame graph.
 
-This is CPU time, not latency: time spent waiting (the batch queue, a request waiting for the event loop) is in the
+The milliseconds per stage are the server's CPU seconds per answered request (Linux /proc, exact) split in the
+proportions of py-spy's samples (idle threads left out). This is CPU time, not latency: time spent waiting (the batch queue, a request waiting for the event loop) is in the
 per-stage latency histogram `aegis_stage_duration_seconds` instead, which the table prints next to it (p50 per stage
 from the server's /metrics).
 """
@@ -33,7 +34,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from benchmarks.service import DEFAULT_IMAGES, _load, parse_cpus, start_server
+from benchmarks.service import DEFAULT_IMAGES, _load, _process_cpu_seconds, parse_cpus, start_server
 
 # (stage, pattern on a frame "function (file:line)"); the innermost frame that matches any pattern decides, in
 # this order of preference only among patterns matching the same frame
@@ -54,10 +55,16 @@ STAGES: list[tuple[str, str]] = [
     ("event loop (asyncio/uvloop, sockets)", r"asyncio/|uvloop|selectors\.py|socket\.py|concurrent/futures"),
 ]
 _COMPILED = [(stage, re.compile(pattern)) for stage, pattern in STAGES]
+IDLE = "idle (a thread waiting for work)"
+# py-spy --nonblocking cannot always tell a waiting thread from a running one: a sample whose innermost frame is
+# one of these waits is not CPU
+_WAITING = re.compile(r"^(_worker \(concurrent/futures/thread\.py|\S*wait \(threading\.py|\S*get \(queue\.py)")
 
 
 def stage_of(stack: list[str]) -> str:
     """The stage of one sample (frames root first, as py-spy's raw format writes them)."""
+    if stack and _WAITING.match(stack[-1]):
+        return IDLE
     for frame in reversed(stack):
         for stage, pattern in _COMPILED:
             if pattern.search(frame):
@@ -100,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http", choices=["h11", "httptools"], default=None, help="default: the service's default")
     parser.add_argument("--server-cpus", type=parse_cpus, default=None, metavar="LIST",
                         help="pin the server (e.g. 0) and run the client and py-spy on the other CPUs")
+    parser.add_argument("--null-model", action="store_true",
+                        help="a model that computes nothing (benchmarks.service.null_runner): only the service's own "
+                             "CPU")
     parser.add_argument("--images", nargs="+", default=DEFAULT_IMAGES)
     parser.add_argument("--out", default=None, help="keep py-spy's collapsed stacks here (flame graph input)")
     parser.add_argument("--json", default=None)
@@ -113,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
            "AEGIS_RECORD_URL": f"sqlite:///{record}"}
     if args.http:
         env["AEGIS_HTTP"] = args.http
-    server_args = ["-m", "service", *(["--bundle", args.bundle] if args.bundle else [])]
+    server = ["-m", "benchmarks.service", "--serve-null-model"] if args.null_model else ["-m", "service"]
+    server_args = [*server, *(["--bundle", args.bundle] if args.bundle else [])]
     process, base = start_server(server_args, env, args.server_cpus)
     if args.server_cpus:
         os.sched_setaffinity(0, os.sched_getaffinity(0) - args.server_cpus)
@@ -124,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
                                 "--duration", str(int(args.seconds)), "--format", "raw", "--nonblocking",
                                 "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(0.5)  # py-spy attaches
+        cpu0 = _process_cpu_seconds(process.pid)
         load = asyncio.run(_load(base, "/v1/diagnose", images, args.concurrency, args.seconds - 0.5, time.time()))
+        cpu1 = _process_cpu_seconds(process.pid)
         _, spy_err = spy.communicate(timeout=120)
         metrics_text = httpx.get(f"{base}/metrics", timeout=10).text
     finally:
@@ -133,15 +146,21 @@ def main(argv: list[str] | None = None) -> int:
     if not out.exists():
         sys.exit(f"py-spy wrote nothing: {spy_err.decode(errors='replace')[-500:]}")
     counts = stage_samples(out.read_text())
+    idle = counts.pop(IDLE, 0)
     answered = len(load["latencies"])
     latencies = np.array(load["latencies"]) * 1e3
     p50, p99 = np.percentile(latencies, [50, 99])
-    per_request_ms = {stage: n / args.rate / answered * 1e3 for stage, n in counts.most_common()}
+    # absolute CPU per request from /proc (py-spy's nonblocking samples overcount a busy process); shares from py-spy
+    proc_ms = (cpu1 - cpu0) / answered * 1e3 if None not in (cpu0, cpu1) else sum(counts.values()) / args.rate / answered * 1e3
+    total = sum(counts.values())
+    per_request_ms = {stage: n / total * proc_ms for stage, n in counts.most_common()}
     figures = {"command": " ".join(["python -m benchmarks.profile_service", *(argv or sys.argv[1:])]),
                "http": args.http or "default", "concurrency": args.concurrency,
+               "model": "null (computes nothing)" if args.null_model else "the bundle's graph",
                "requests_per_second": answered / load["seconds"], "p50_ms": p50, "p99_ms": p99,
                "cpu_ms_per_request": per_request_ms, "cpu_ms_per_request_total": sum(per_request_ms.values()),
-               "stage_latency_p50_ms": stage_latency_p50(metrics_text), "samples": sum(counts.values())}
+               "stage_latency_p50_ms": stage_latency_p50(metrics_text), "samples": sum(counts.values()),
+               "idle_samples": idle}
     print(f"{answered / load['seconds']:.1f} req/s at c={args.concurrency}, p50 {p50:.1f} ms, p99 {p99:.1f} ms; "
           f"CPU per answered request by stage (py-spy, {figures['samples']} samples):")
     for stage, ms in per_request_ms.items():

@@ -247,10 +247,15 @@ def _wrk_load(base: str, path: str, files: list[str], concurrency: int, seconds:
         script = Path(tmp) / "post.lua"
         script.write_text(f'PATH = "{path}"\n' + WRK_SCRIPT, encoding="utf-8")
         command = [wrk, "-t1", f"-c{concurrency}", "--timeout", "60s", "-s", str(script), base, "--", *files]
-        subprocess.run([*command[:3], "-d1s", *command[3:]], check=True, capture_output=True)  # warm-up
+        def run(duration: str) -> str:
+            done = subprocess.run([*command[:3], duration, *command[3:]], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"wrk failed ({done.returncode}): {(done.stderr or done.stdout)[-500:]}")
+            return done.stdout
+
+        run("-d1s")  # warm-up
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        out = subprocess.run([*command[:3], f"-d{max(1, round(seconds))}s", *command[3:]], check=True,
-                             capture_output=True, text=True).stdout
+        out = run(f"-d{max(1, round(seconds))}s")
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = json.loads(out.strip().splitlines()[-1])
     answered = result["requests"] - result["non2xx"]
@@ -277,12 +282,12 @@ def _measured_load(processes: list[subprocess.Popen], bases: list[str], path: st
         run = _wrk_load(bases[0], path, files or [], shares[0], seconds)
         server1, elapsed = [_process_cpu_seconds(p.pid) for p in processes], time.perf_counter() - started
         known = None not in server0 + server1
-        return {"concurrency": concurrency, "replicas": 1, "client": client,
+        return _with_cpu_per_request({"concurrency": concurrency, "replicas": 1, "client": client,
                 "requests_per_second": run["answered"] / run["seconds"],
                 **dict(zip(("p50_ms", "p95_ms", "p99_ms"), run["percentiles_ms"])), "errors": run["errors"],
                 "answered_per_replica": [run["answered"]],
                 "server_cores": (sum(server1) - sum(server0)) / elapsed if known else None,
-                "client_cores": run["cpu_seconds"] / elapsed}
+                "client_cores": run["cpu_seconds"] / elapsed})
     per_client = {"pooled": 4, "httpx": concurrency}[client]
     if len(shares) == 1:
         results = [_client_process((bases[0], path, images, shares[0], seconds, None, per_client))]
@@ -296,12 +301,19 @@ def _measured_load(processes: list[subprocess.Popen], bases: list[str], path: st
     q = np.percentile(latencies, [50, 95, 99]) if latencies else [float("nan")] * 3
     measured = max(r["seconds"] for r in results)
     known = None not in server0 + server1
-    return {"concurrency": concurrency, "replicas": len(bases), "client": client,
+    return _with_cpu_per_request({"concurrency": concurrency, "replicas": len(bases), "client": client,
             "requests_per_second": len(latencies) / measured,
             "p50_ms": q[0] * 1e3, "p95_ms": q[1] * 1e3, "p99_ms": q[2] * 1e3,
             "errors": sum(r["errors"] for r in results), "answered_per_replica": [len(r["latencies"]) for r in results],
             "server_cores": (sum(server1) - sum(server0)) / elapsed if known else None,
-            "client_cores": sum(r["cpu_seconds"] for r in results) / elapsed}
+            "client_cores": sum(r["cpu_seconds"] for r in results) / elapsed})
+
+
+def _with_cpu_per_request(row: dict) -> dict:
+    """The server's CPU milliseconds per answered request (warm-up included in both, so approximate)."""
+    rate, cores = row["requests_per_second"], row["server_cores"]
+    row["server_cpu_ms_per_request"] = cores / rate * 1e3 if cores is not None and rate else None
+    return row
 
 
 def naive_app(bundle_dir: str | None):
@@ -331,6 +343,30 @@ def naive_app(bundle_dir: str | None):
                 "decision": "accept" if shield[0, k] >= m.thresholds[m.classes[k]] else "reject"}
 
     return app
+
+
+def null_runner(bundle: Bundle, settings) -> callable:
+    """A batch callable with the graph's output shapes that computes nothing (zeros: every answer is the first class,
+    accepted at a threshold <= 0): the service's own CPU per request, without the model's."""
+    classes = len(bundle.manifest.classes)
+
+    def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.zeros((len(batch), classes), np.float32), np.zeros((len(batch), classes), np.float32)
+
+    return run
+
+
+def serve_null_model(bundle_dir: str | None, port: int) -> None:
+    """`python -m service` as configured by the environment (same HTTP protocol and limits), with `null_runner`."""
+    import uvicorn
+
+    from service.__main__ import checked_settings, http_limits
+    from service.main import create_app
+
+    settings = checked_settings({"bundle_dir": bundle_dir} if bundle_dir else {})
+    app = create_app(settings, runner_factory=null_runner)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_config=None, access_log=False, server_header=False,
+                **http_limits(settings))
 
 
 def parse_cpus(text: str) -> set[int]:
@@ -374,10 +410,17 @@ def main(argv: list[str] | None = None) -> int:
                              "cores / N intra-op and decode threads")
     parser.add_argument("--log-level", default="INFO",
                         help="the service's log level (INFO, the default, writes one access line per request)")
+    parser.add_argument("--null-model", action="store_true",
+                        help="serve with a model that computes nothing (benchmarks.service.null_runner): the rows' "
+                             "server_cpu_ms_per_request is then the service's CPU per request outside the model")
     parser.add_argument("--serve-naive", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-null-model", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    if args.serve_null_model:
+        serve_null_model(args.bundle, args.port)
+        return 0
     if args.serve_naive:
         import uvicorn
 
@@ -402,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
                      "machine": platform.platform(), "command": " ".join(["python -m benchmarks.service", *sys.argv[1:]]),
                      "server_cpus": sorted(args.server_cpus) if args.server_cpus else "all", "replicas": args.replicas,
                      "client": args.client, "http": args.http or "default", "workers": args.workers,
+                     "model": "null (computes nothing)" if args.null_model else "the bundle's graph",
                      "client_cpus": sorted(client_cpus) if client_cpus else "all (shared with the server)"}
     print(json.dumps({k: figures[k] for k in ("bundle", "input", "images", "cpu_count", "server_cpus", "client_cpus",
                                               "replicas")}))
@@ -432,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
         if client_cpus:
             os.sched_setaffinity(0, client_cpus)
         bundle_args = ["--bundle", str(bundle.root)]
-        endpoints = (("service", ["-m", "service", *bundle_args], "/v1/diagnose"),
+        service_command = ["-m", "benchmarks.service", "--serve-null-model"] if args.null_model else ["-m", "service"]
+        endpoints = (("service", [*service_command, *bundle_args], "/v1/diagnose"),
                      ("naive", ["-m", "benchmarks.service", "--serve-naive", *bundle_args], "/naive"))
         for name, cmd, path in endpoints[:1] if args.service_only else endpoints:
             servers = []
@@ -453,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:8s} c={row['concurrency']:3d} x{row['replicas']}: {row['requests_per_second']:8.1f} req/s  "
                       f"p50 {row['p50_ms']:7.1f} ms  p95 {row['p95_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  "
                       f"errors {row['errors']}  cores: server {row['server_cores'] or float('nan'):.2f} "
-                      f"client {row['client_cores']:.2f}")
+                      f"client {row['client_cores']:.2f}  server CPU/request "
+                      f"{row['server_cpu_ms_per_request'] or float('nan'):.2f} ms")
     if not args.skip_http and not args.service_only:
         top = {row["concurrency"]: row["requests_per_second"] for row in figures["service"]}
         naive = {row["concurrency"]: row["requests_per_second"] for row in figures["naive"]}

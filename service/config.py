@@ -20,7 +20,7 @@
     AEGIS_MAX_DICOM_PIXELS           decoded DICOM limit (413): the largest detectors of the modality
     AEGIS_MAX_INFLIGHT_UPLOADS       requests reading their body at once; beyond: 503 + Retry-After
     AEGIS_MAX_INFLIGHT_DECODES       images waiting for or in decode + Cushion; beyond: 503 + Retry-After
-    AEGIS_HTTP                       h11 (bounded header size and time) | httptools (faster; bound headers at a proxy)
+    AEGIS_HTTP                       httptools (default, C parser) | h11 (pure Python); both bound head size and time
     AEGIS_MAX_HEADER_BYTES           request head limit (h11; 400 beyond)
     AEGIS_MAX_HEADER_COUNT           header lines per request (431 beyond)
     AEGIS_HEADER_TIMEOUT_SECONDS     a connection must deliver a complete request head within this (h11; then closed)
@@ -104,7 +104,8 @@ class Settings(BaseSettings):
     max_inflight_decodes: int = Field(64, ge=1, description="images waiting for or in decode + Cushion (their bytes)")
 
     http: Literal["h11", "httptools"] = Field(
-        "h11", description="h11 bounds the request head's size and time; httptools is faster but bounds neither")
+        "httptools", description="the HTTP/1.1 parser: httptools (llhttp, C; ~0.2 ms less CPU per request, "
+                                 "docs/benchmark.md) or h11 (pure Python); both bound the head's size and time")
     max_header_bytes: int = Field(16 * 1024, ge=1024, le=1 * MiB)
     max_header_count: int = Field(100, ge=8, le=10_000)
     header_timeout_seconds: float = Field(10.0, gt=0.0, le=600.0)

@@ -27,7 +27,6 @@ import asyncio
 import logging
 import signal
 import sys
-import uuid
 
 import structlog
 from pydicom.dataset import Dataset
@@ -40,6 +39,7 @@ from service.decode import decodable_transfer_syntaxes
 from service.dicom_store import diagnose_instance
 from service.logs import configure_logging
 from service.main import new_state, start_state, stop_state
+from service.middleware import new_request_id
 from service.state import ServiceState
 
 log = structlog.get_logger("aegis.dicom_node")
@@ -96,7 +96,7 @@ class DicomNode:
         return 0x0000
 
     def _on_store(self, event):
-        request_id = uuid.uuid4().hex
+        request_id = new_request_id()
         calling = event.assoc.requestor.ae_title
         try:
             data = event.encoded_dataset()  # the Part 10 bytes as received: no decode / re-encode round trip

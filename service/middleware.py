@@ -12,9 +12,9 @@ read, and the bytes actually received are counted while they stream in (chunked 
 
 from __future__ import annotations
 
+import random
 import re
 import time
-import uuid
 
 import structlog
 from starlette.responses import JSONResponse
@@ -24,6 +24,14 @@ from service.metrics import ServiceMetrics
 
 log = structlog.get_logger("aegis.access")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def new_request_id() -> str:
+    """128 random bits as 32 hex digits, like uuid4().hex without its os.urandom call: that call releases the GIL, and
+    under load the event loop then waits behind the decode and inference threads to get it back (py-spy found the
+    loop's samples in uuid4, docs/benchmark.md). An id must be unique, not secret; `random` reseeds in forked
+    children."""
+    return f"{random.getrandbits(128):032x}"
 
 
 class RequestContextMiddleware:
@@ -41,7 +49,7 @@ class RequestContextMiddleware:
         raw_headers = scope.get("headers", [])
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw_headers}
         incoming = headers.get("x-request-id", "")
-        request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        request_id = incoming if _REQUEST_ID.match(incoming) else new_request_id()
         state["request_id"] = request_id
         state["started"] = started
         state["log"] = {}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.profile_service import main, stage_latency_p50, stage_of, stage_samples
+from benchmarks.profile_service import IDLE, main, stage_latency_p50, stage_of, stage_samples
 from tests.service.conftest import SAMPLES
 
 PY_SPY = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
@@ -32,6 +32,10 @@ def test_the_innermost_frame_that_names_a_stage_decides():
     assert stage_of(logging) == "logging"  # json under structlog: logging, not the response
     assert stage_of(parse) == "HTTP parse + write (h11/httptools)"
     assert stage_of(root) == "other"  # no frame names a stage
+    waiting = [*root, "_worker (concurrent/futures/thread.py:90)"]
+    assert stage_of(waiting) == IDLE  # a pool thread waiting for work is not CPU
+    assert stage_of([*root, "_run (service/record/writer.py:140)", "Queue.get (queue.py:180)",
+                     "Condition.wait (threading.py:331)"]) == IDLE
     raw = "\n".join(f"thread (1);{';'.join(stack)} {n}" for stack, n in ((decode, 3), (cushion, 2), (decode, 1)))
     assert stage_samples(raw) == {"decode (PNG/JPEG/DICOM)": 4, "cushion": 2}
 

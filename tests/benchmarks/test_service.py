@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 from benchmarks.service import main
@@ -91,3 +92,23 @@ def test_workers_are_driven_and_their_cpu_counted(tiny_bundle_dir, tmp_path):
     assert figures["workers"] == 2 and row["errors"] == 0 and row["requests_per_second"] > 0
     # the supervisor itself does no request work: cores this large come from its worker processes
     assert row["server_cores"] > 0.2
+
+
+def test_null_model_rows_give_the_service_cpu_per_request(tiny_bundle_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["--bundle", str(tiny_bundle_dir), "--seconds", "0.5", "--concurrency", "2", "--threads", "1",
+                 "--service-only", "--null-model", "--images", str(SAMPLES[0].parent / "*.png"),
+                 "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    row = figures["service"][0]
+    assert figures["model"].startswith("null") and row["errors"] == 0 and row["requests_per_second"] > 0
+    assert row["server_cpu_ms_per_request"] == pytest.approx(row["server_cores"] / row["requests_per_second"] * 1e3)
+
+
+def test_the_null_runner_has_the_graph_output_shapes(tiny_bundle_dir):
+    from benchmarks.service import null_runner
+    from models.bundle import load_bundle
+
+    bundle = load_bundle(tiny_bundle_dir)
+    logits, shield = null_runner(bundle, None)(np.zeros((3, 1, 8, 8), np.float32))
+    assert logits.shape == shield.shape == (3, len(bundle.manifest.classes))

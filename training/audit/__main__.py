@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from models.bundle import load_bundle
+from models.cushion import parse_cushion
 from models.networks import load_aegis
 from training.audit import tables
 from training.audit.ceiling import ceiling_markdown, robust_accuracy
@@ -51,6 +52,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--substitute", type=Path, help="run folder of a classifier trained on the same data, the "
                         "transfer attack's source (e.g. --set backbone=vgg16 --set clf_lr=0.0002 --set shield_epochs=0 --skip-eval: "
                         "VGG-16 has no batch norm and does not learn at the ResNet learning rate)")
+    parser.add_argument("--ceiling-cushion", default=None, metavar="SPEC",
+                        help="ceiling only: measure Cushion SPEC + classifier instead of the bundle's Cushion (e.g. "
+                             "`none`: the classifier alone, to see what the Cushion adds to or takes from robustness)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     return parser
@@ -73,9 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.substitute is not None:
         ctx.substitute = load_trained_classifier(args.substitute)
     if args.command == "ceiling":
-        ceiling = robust_accuracy(ctx.net.classifier, *ctx.clean_test(), ctx.cushion, scale.eval_images,
+        cushion = ctx.cushion if args.ceiling_cushion is None else parse_cushion(args.ceiling_cushion)
+        ceiling = robust_accuracy(ctx.net.classifier, *ctx.clean_test(), cushion, scale.eval_images,
                                   scale.adaptive_steps, batch=scale.batch, seed=args.seed, n_resamples=scale.bootstrap)
-        ceiling.update(bundle=f"{m.name} {m.version}", scale=scale.to_dict(), command=ctx.command)
+        ceiling.update(bundle=f"{m.name} {m.version}", cushion=cushion.describe(), scale=scale.to_dict(),
+                       command=ctx.command)
         out = args.out or Path("results") / "ceiling"
         out.mkdir(parents=True, exist_ok=True)
         (out / "ceiling.json").write_text(json.dumps(ceiling, indent=2) + "\n")

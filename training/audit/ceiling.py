@@ -71,7 +71,8 @@ def robust_accuracy(classifier: nn.Module, x: Tensor, y: np.ndarray, cushion: Cu
 
 
 def ceiling_markdown(ceiling: dict) -> str:
-    lines = [f"Robust accuracy of Cushion + classifier ({ceiling['attack']}; clean accuracy "
+    cushion = ceiling.get("cushion", "the bundle's")
+    lines = [f"Robust accuracy of Cushion ({cushion}) + classifier ({ceiling['attack']}; clean accuracy "
              f"{ceiling['clean_accuracy']:.3f} on {ceiling['clean_images']} test images):", "",
              "| ε (/256) | attacked | resist (of correct) | 95% CI | robust accuracy |", "|---|---|---|---|---|"]
     for r in ceiling["rows"]:
