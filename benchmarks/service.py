@@ -38,6 +38,8 @@ from fastapi import FastAPI, Request
 
 from models.bundle import Bundle, load_bundle
 from models.imaging import prepare_image
+from service.__main__ import checked_settings, http_limits
+from service.main import create_app
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = [str(REPO / "samples" / "*.png"),
@@ -359,9 +361,6 @@ def null_runner(bundle: Bundle, settings) -> callable:
 def serve_null_model(bundle_dir: str | None, port: int) -> None:
     """`python -m service` as configured by the environment (same HTTP protocol and limits), with `null_runner`."""
     import uvicorn
-
-    from service.__main__ import checked_settings, http_limits
-    from service.main import create_app
 
     settings = checked_settings({"bundle_dir": bundle_dir} if bundle_dir else {})
     app = create_app(settings, runner_factory=null_runner)

@@ -55,6 +55,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ceiling-cushion", default=None, metavar="SPEC",
                         help="ceiling only: measure Cushion SPEC + classifier instead of the bundle's Cushion (e.g. "
                              "`none`: the classifier alone, to see what the Cushion adds to or takes from robustness)")
+    parser.add_argument("--ceiling-split", choices=("test", "train"), default="test",
+                        help="ceiling only: attack test images (the figure) or training-split images (robust overfitting:"
+                             " a classifier robust on the images it learnt from but not on new ones)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     return parser
@@ -78,9 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         ctx.substitute = load_trained_classifier(args.substitute)
     if args.command == "ceiling":
         cushion = ctx.cushion if args.ceiling_cushion is None else parse_cushion(args.ceiling_cushion)
-        ceiling = robust_accuracy(ctx.net.classifier, *ctx.clean_test(), cushion, scale.eval_images,
+        images = ctx.clean_test() if args.ceiling_split == "test" else (ctx.data.x_train, ctx.data.y_train)
+        ceiling = robust_accuracy(ctx.net.classifier, *images, cushion, scale.eval_images,
                                   scale.adaptive_steps, batch=scale.batch, seed=args.seed, n_resamples=scale.bootstrap)
-        ceiling.update(bundle=f"{m.name} {m.version}", cushion=cushion.describe(), scale=scale.to_dict(),
+        ceiling.update(bundle=f"{m.name} {m.version}", split=args.ceiling_split,
+                       scale=scale.to_dict(),
                        command=ctx.command)
         out = args.out or Path("results") / "ceiling"
         out.mkdir(parents=True, exist_ok=True)

@@ -55,7 +55,7 @@ def robust_accuracy(classifier: nn.Module, x: Tensor, y: np.ndarray, cushion: Cu
             torch.manual_seed(seed)
             reached = torch.cat([spec(classifier, xs[i:i + batch], targets[i:i + batch], cushion).label_reached
                                  for i in range(0, len(index), batch)]).numpy().astype(bool)
-            per_backward[backward] = float(1 - reached.mean()) if len(reached) else float("nan")
+            per_backward[backward] = float((~reached).mean()) if len(reached) else float("nan")
             flipped |= reached
         robust = ~flipped
         share = float(robust.mean()) if len(robust) else float("nan")
@@ -67,13 +67,13 @@ def robust_accuracy(classifier: nn.Module, x: Tensor, y: np.ndarray, cushion: Cu
                  len(index), steps, per_backward)
     return {"attack": f"APGD-CE, {steps} steps, targeted at the other class, min over BPDA {' and '.join(backwards)} "
                       "and over this and every smaller budget",
-            "clean_accuracy": clean_accuracy, "clean_images": len(y), "rows": rows}
+            "cushion": cushion.describe(), "clean_accuracy": clean_accuracy, "clean_images": len(y), "rows": rows}
 
 
 def ceiling_markdown(ceiling: dict) -> str:
-    cushion = ceiling.get("cushion", "the bundle's")
-    lines = [f"Robust accuracy of Cushion ({cushion}) + classifier ({ceiling['attack']}; clean accuracy "
-             f"{ceiling['clean_accuracy']:.3f} on {ceiling['clean_images']} test images):", "",
+    cushion = f"Cushion {ceiling['cushion']}; " if "cushion" in ceiling else ""
+    lines = [f"Robust accuracy of Cushion + classifier ({cushion}{ceiling['attack']}; clean accuracy "
+             f"{ceiling['clean_accuracy']:.3f} on {ceiling['clean_images']} {ceiling.get('split', 'test')} images):", "",
              "| ε (/256) | attacked | resist (of correct) | 95% CI | robust accuracy |", "|---|---|---|---|---|"]
     for r in ceiling["rows"]:
         low, high = r["robust_of_correct_ci95"]

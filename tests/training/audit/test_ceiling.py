@@ -41,3 +41,15 @@ def test_ceiling_command_writes_its_table(tiny_bundle_dir, kermany_dir, tmp_path
     result = json.loads((out / "ceiling.json").read_text())
     assert [r["eps_256"] for r in result["rows"]] == [4, 8, 16]
     assert "APGD-CE" in (out / "ceiling.md").read_text()
+
+
+def test_ceiling_options_change_what_is_attacked(tiny_bundle_dir, kermany_dir, tmp_path):
+    """--ceiling-cushion none measures the classifier alone (one backward: nothing to differentiate through), and
+    --ceiling-split train attacks training-split images (robust overfitting)."""
+    out = tmp_path / "ceiling"
+    assert main(["ceiling", "--bundle", str(tiny_bundle_dir), "--scale", "tiny", "--data-dir", str(kermany_dir),
+                 "--ceiling-cushion", "none", "--ceiling-split", "train", "--out", str(out)]) == 0
+    result = json.loads((out / "ceiling.json").read_text())
+    assert result["cushion"] == "none()" and result["split"] == "train"
+    assert all(set(r["robust_of_correct_by_backward"]) == {"identity"} for r in result["rows"])
+    assert "train images" in (out / "ceiling.md").read_text()
