@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or Path("results") / "ceiling"
         out.mkdir(parents=True, exist_ok=True)
         (out / "ceiling.json").write_text(json.dumps(ceiling, indent=2) + "\n")
-        (out / "ceiling.md").write_text(f"# Robustness ceiling: {m.name} {m.version}\n\n{ceiling_markdown(ceiling)}\n\n"
-                                        f"`{ctx.command}`\n")
+        title = f"# Robustness ceiling: {m.name} {m.version} ({bundle.root})"  # a run's bundle has the preset's name
+        (out / "ceiling.md").write_text(f"{title}\n\n{ceiling_markdown(ceiling)}\n\n`{ctx.command}`\n")
         print(ceiling_markdown(ceiling))
         return 0
     attacks = args.attacks.split(",") if args.attacks else None
