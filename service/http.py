@@ -36,17 +36,12 @@ TOO_LARGE_RESPONSE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-
                       b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(TOO_LARGE_BODY), TOO_LARGE_BODY))
 
 
-class GuardedH11Protocol(H11Protocol):
-    header_timeout: float = 10.0
+class _HeadTimer:
+    """The timer both guarded protocols share: `_head_timed_out` runs unless `_disarm` comes within
+    `header_timeout` (the server's setting, from the environment: worker processes are spawned with it)."""
 
-    def connection_made(self, transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        # the server's setting, from the environment: worker processes (service/workers.py) are spawned with it
-        self.header_timeout = float(os.environ.get(HEADER_TIMEOUT_ENV, GuardedH11Protocol.header_timeout))
-        self._head_timer = None
-        self._first_byte: float | None = None
-        self._stamped = None
-        self._arm()
+    header_timeout: float = 10.0
+    _head_timer = None
 
     def _arm(self) -> None:
         if self._head_timer is None:
@@ -56,6 +51,19 @@ class GuardedH11Protocol(H11Protocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+
+class GuardedH11Protocol(_HeadTimer, H11Protocol):
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.header_timeout = float(os.environ.get(HEADER_TIMEOUT_ENV, _HeadTimer.header_timeout))
+        self._first_byte: float | None = None
+        self._stamped = None
+        self._arm()
 
     def data_received(self, data: bytes) -> None:
         if self.conn.their_state is h11.IDLE and self._first_byte is None:  # a new request's first byte
@@ -68,10 +76,6 @@ class GuardedH11Protocol(H11Protocol):
                 self.scope["state"]["first_byte"] = self._first_byte
                 self._stamped = self.scope
             self._first_byte = None
-
-    def connection_lost(self, exc) -> None:
-        self._disarm()
-        super().connection_lost(exc)
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
@@ -86,26 +90,19 @@ class _HeadTooLarge(Exception):
     pass
 
 
-class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    header_timeout: float = 10.0
+class GuardedHttpToolsProtocol(_HeadTimer, HttpToolsProtocol):
     max_head_bytes: int = 16384
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self.header_timeout = float(os.environ.get(HEADER_TIMEOUT_ENV, GuardedHttpToolsProtocol.header_timeout))
+        self.header_timeout = float(os.environ.get(HEADER_TIMEOUT_ENV, _HeadTimer.header_timeout))
         self.max_head_bytes = int(os.environ.get(MAX_HEAD_BYTES_ENV, GuardedHttpToolsProtocol.max_head_bytes))
-        self._head_timer = None
         self._in_head = False  # between a request's first byte and its complete head
         self._parsed_bytes = 0  # request line and headers as the parser delivered them
         self._raw_bytes = 0  # chunks that ended inside an incomplete head (one endless header is never delivered)
         self._too_large = False
         self._received_at = 0.0
-        self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
-
-    def _disarm(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        self._arm()
 
     def data_received(self, data: bytes) -> None:
         self._received_at = time.perf_counter()
@@ -121,7 +118,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.scope["state"]["first_byte"] = self._received_at  # the time of the chunk holding the first byte
         self._in_head, self._parsed_bytes, self._raw_bytes = True, 0, 0
         self._disarm()
-        self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
+        self._arm()
 
     def on_url(self, url: bytes) -> None:
         self._count(len(url))
@@ -149,10 +146,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = False
         self._disarm()
         super().on_headers_complete()
-
-    def connection_lost(self, exc) -> None:
-        self._disarm()
-        super().connection_lost(exc)
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
