@@ -282,14 +282,12 @@ def _measured_load(processes: list[subprocess.Popen], bases: list[str], path: st
         if len(shares) != 1:
             raise SystemExit("--client wrk drives one replica")
         run = _wrk_load(bases[0], path, files or [], shares[0], seconds)
-        server1, elapsed = [_process_cpu_seconds(p.pid) for p in processes], time.perf_counter() - started
-        known = None not in server0 + server1
+        server_cores = _cores_since(processes, server0, started)
         return _with_cpu_per_request({"concurrency": concurrency, "replicas": 1, "client": client,
                 "requests_per_second": run["answered"] / run["seconds"],
                 **dict(zip(("p50_ms", "p95_ms", "p99_ms"), run["percentiles_ms"])), "errors": run["errors"],
                 "answered_per_replica": [run["answered"]],
-                "server_cores": (sum(server1) - sum(server0)) / elapsed if known else None,
-                "client_cores": run["cpu_seconds"] / elapsed})
+                "server_cores": server_cores, "client_cores": run["cpu_seconds"] / (time.perf_counter() - started)})
     per_client = {"pooled": 4, "httpx": concurrency}[client]
     if len(shares) == 1:
         results = [_client_process((bases[0], path, images, shares[0], seconds, None, per_client))]
@@ -298,17 +296,23 @@ def _measured_load(processes: list[subprocess.Popen], bases: list[str], path: st
         jobs = [(base, path, images, share, seconds, start_at, per_client) for base, share in zip(bases, shares)]
         with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
             results = pool.map(_client_process, jobs)
-    server1, elapsed = [_process_cpu_seconds(p.pid) for p in processes], time.perf_counter() - started
+    server_cores, elapsed = _cores_since(processes, server0, started), time.perf_counter() - started
     latencies = [t for r in results for t in r["latencies"]]
     q = np.percentile(latencies, [50, 95, 99]) if latencies else [float("nan")] * 3
     measured = max(r["seconds"] for r in results)
-    known = None not in server0 + server1
     return _with_cpu_per_request({"concurrency": concurrency, "replicas": len(bases), "client": client,
             "requests_per_second": len(latencies) / measured,
             "p50_ms": q[0] * 1e3, "p95_ms": q[1] * 1e3, "p99_ms": q[2] * 1e3,
             "errors": sum(r["errors"] for r in results), "answered_per_replica": [len(r["latencies"]) for r in results],
-            "server_cores": (sum(server1) - sum(server0)) / elapsed if known else None,
-            "client_cores": sum(r["cpu_seconds"] for r in results) / elapsed})
+            "server_cores": server_cores, "client_cores": sum(r["cpu_seconds"] for r in results) / elapsed})
+
+
+def _cores_since(processes: list[subprocess.Popen], before: list[float | None], started: float) -> float | None:
+    """Cores the server processes used since `started` (their CPU seconds then were `before`); None without /proc."""
+    after = [_process_cpu_seconds(p.pid) for p in processes]
+    if None in before + after:
+        return None
+    return (sum(after) - sum(before)) / (time.perf_counter() - started)
 
 
 def _with_cpu_per_request(row: dict) -> dict:
