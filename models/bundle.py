@@ -11,7 +11,8 @@ A bundle is a folder::
 Schema 1.1 added `calibration.clean_logits`: per class, the distribution of the clean validation Shield logits its
 threshold was calibrated on (quantiles and a histogram), so that a reader can place one image's logit among them.
 1.0 bundles still load (the field is then empty). 1.1 also added `architecture.shield_kind` ("per_class", the
-paper's, or "shared_trunk"; 1.0 bundles are per-class).
+paper's, or "shared_trunk"; 1.0 bundles are per-class); 1.2 added "margin" (no Shield weights: the classifier's
+own log-odds, the rejection-by-confidence baseline).
 
 The decision rule, for an input `x` of any size:
     `u = cushion(prepare_image(x, input))`; `logits, s = aegis.onnx(u / 255)`; `k = argmax(logits)`;
@@ -46,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from models.cushion import Cushion
 from models.imaging import InputSpec
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 MANIFEST = "manifest.json"
 SIGNATURE_FILE = "bundle.sig"
 SIGNATURE_CONTEXT = b"medical-aegis bundle sha256:"
@@ -78,10 +79,12 @@ class ArchitectureSpec(BaseModel):
     backbone: str
     taps: tuple[int, ...] = Field(description="1-indexed residual blocks (ResNet) or ReLU layers (VGG) fed to Shields")
     tap_names: tuple[str, ...] = ()
-    shield_width: int = Field(gt=0)
+    shield_width: int | None = Field(gt=0, description="the learned Shields' width; null for margin Shields")
     # "per_class": one Shield network per class (the paper's); "shared_trunk": one tap trunk, a head per class
-    # (models.networks.SharedTrunkShields). Schema 1.1; absent in 1.0 bundles, which are all per-class.
-    shield_kind: Literal["per_class", "shared_trunk"] = "per_class"
+    # (models.networks.SharedTrunkShields); "margin" (schema 1.2): no Shield weights, each class's Shield logit is
+    # the classifier's log-odds of that class (models.networks.MarginShields). Schema 1.1; absent in 1.0 bundles,
+    # which are all per-class.
+    shield_kind: Literal["per_class", "shared_trunk", "margin"] = "per_class"
 
 
 QUANTILE_LEVELS = (0.0, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.975, 0.99, 1.0)

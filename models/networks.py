@@ -181,25 +181,45 @@ class SharedTrunkShields(nn.Module):
         return torch.cat([head(features) for head in self.heads], dim=1)
 
 
-SHIELD_KINDS = ("per_class", "shared_trunk")
+class MarginShields(nn.Module):
+    """The classifier as its own detector, without weights: class c's Shield logit is the classifier's log-odds of c,
+    z_c - logsumexp_{j != c} z_j, so that "accept" means "confident enough". On a robust classifier an attack's
+    features look like the target class's, and telling them apart is as hard as classifying robustly (Tramèr 2022):
+    this is the baseline a learned Shield must beat there, and the rejection by confidence that rejection-aware
+    adversarial training deploys (Stutz et al. 2020; Pang et al. 2022; `joint_epochs` trains the classifier for it).
+
+    Returns N x K logits, high = clean.
+    """
+
+    def forward(self, logits: Tensor) -> Tensor:
+        k = logits.shape[1]
+        others = logits.unsqueeze(1) - 1e4 * torch.eye(k, dtype=logits.dtype, device=logits.device)
+        return logits - torch.logsumexp(others, dim=2)  # row c of `others`: every logit but z_c
+
+
+SHIELD_KINDS = ("per_class", "shared_trunk", "margin")
 
 
 class AegisNet(nn.Module):
     """Classifier + one Shield per class. `forward(x)` -> (logits N x K, shield_logits N x K): the ONNX graph.
 
-    `shields`: a ModuleList of `ShieldNet` (the paper's, one network per class) or a `SharedTrunkShields`.
+    `shields`: a ModuleList of `ShieldNet` (the paper's, one network per class), a `SharedTrunkShields` or
+    `MarginShields` (no weights: the classifier's own log-odds).
     """
 
-    def __init__(self, classifier: TappedClassifier, shields: nn.ModuleList | SharedTrunkShields):
+    def __init__(self, classifier: TappedClassifier, shields: nn.ModuleList | SharedTrunkShields | MarginShields):
         super().__init__()
         self.classifier = classifier
         self.shields = shields
 
     def forward_all(self, x: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
         logits, taps = self.classifier.forward_with_taps(x)
-        return logits, self.shield_logits(taps), taps
+        return logits, self.shield_logits(taps, logits), taps
 
-    def shield_logits(self, taps: list[Tensor]) -> Tensor:
+    def shield_logits(self, taps: list[Tensor], logits: Tensor) -> Tensor:
+        """N x K Shield logits from the classifier's taps and logits (each kind reads what it needs)."""
+        if isinstance(self.shields, MarginShields):
+            return self.shields(logits)
         if isinstance(self.shields, SharedTrunkShields):
             return self.shields(taps)
         return torch.stack([shield(taps) for shield in self.shields], dim=1)
@@ -210,14 +230,18 @@ class AegisNet(nn.Module):
 
     @property
     def shield_kind(self) -> str:
+        if isinstance(self.shields, MarginShields):
+            return "margin"
         return "shared_trunk" if isinstance(self.shields, SharedTrunkShields) else "per_class"
 
     def architecture(self) -> ArchitectureSpec:
         """What a bundle's manifest records to rebuild this network with `build_aegis` (`load_aegis`)."""
-        branches = self.shields.branches if isinstance(self.shields, SharedTrunkShields) else self.shields[0].branches
+        width = None
+        if not isinstance(self.shields, MarginShields):
+            branches = self.shields.branches if isinstance(self.shields, SharedTrunkShields) else self.shields[0].branches
+            width = branches[0][0].out_channels
         return ArchitectureSpec(backbone=self.classifier.backbone_name, taps=tuple(self.classifier.taps),
-                                tap_names=self.classifier.tap_names, shield_width=branches[0][0].out_channels,
-                                shield_kind=self.shield_kind)
+                                tap_names=self.classifier.tap_names, shield_width=width, shield_kind=self.shield_kind)
 
 
 def tap_channels(classifier: TappedClassifier, input_size: tuple[int, int]) -> list[int]:
@@ -230,11 +254,13 @@ def tap_channels(classifier: TappedClassifier, input_size: tuple[int, int]) -> l
 
 
 def build_aegis(backbone: str, num_classes: int, in_channels: int, input_size: tuple[int, int],
-                taps: tuple[int, ...] | None = None, shield_width: int = 32,
+                taps: tuple[int, ...] | None = None, shield_width: int | None = 32,
                 pretrained: str | Path | None = None, shield_kind: str = "per_class") -> AegisNet:
     if shield_kind not in SHIELD_KINDS:
         raise ValueError(f"shield_kind must be one of {SHIELD_KINDS}, got {shield_kind!r}")
     classifier = TappedClassifier(backbone, num_classes, in_channels, taps, pretrained)
+    if shield_kind == "margin":
+        return AegisNet(classifier, MarginShields())
     channels = tap_channels(classifier, input_size)
     if shield_kind == "shared_trunk":
         return AegisNet(classifier, SharedTrunkShields(channels, num_classes, shield_width))

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from models.cushion import CushionBase
 from models.networks import AegisNet
@@ -35,6 +36,11 @@ def train_classifier(cfg: TrainConfig, net: AegisNet, splits: dict[str, Split], 
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.clf_lr, total_steps=cfg.clf_epochs * steps_per_epoch
                                                     + 1, pct_start=0.15)
     start = resume_epoch(checkpoint, "classifier", optimizer, scheduler)
+    averaged = None
+    if cfg.clf_ema:
+        averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.clf_ema), use_buffers=True)
+        if start:
+            averaged.load_state_dict(checkpoint["averaged"])
     counts = np.bincount(splits["train"].labels, minlength=net.classifier.head[-1].out_features)
     class_weight = torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32,
                                 device=worker.device)  # inverse frequency: ~73% of Kermany train is PNEUMONIA
@@ -51,12 +57,17 @@ def train_classifier(cfg: TrainConfig, net: AegisNet, splits: dict[str, Split], 
             loss.backward()
             optimizer.step()
             scheduler.step()
+            if averaged is not None:
+                averaged.update_parameters(model)
             total, seen = total + loss.item() * len(y), seen + len(y)
         if worker.world > 1:  # BatchNorm running statistics are per rank: adopt rank 0's so every rank holds one model
-            for buffer in model.buffers():
+            for buffer in [*model.buffers(), *(averaged.buffers() if averaged is not None else ())]:
                 dist.broadcast(buffer, src=0)
-        model.eval()
-        val_logits, _ = predict(model, splits["val"].tensor(), cushion, device=worker.device)
+        if averaged is not None and epoch == cfg.clf_epochs - 1:
+            model.load_state_dict(averaged.module.state_dict())  # the average is the classifier kept
+        evaluated = model if averaged is None else averaged.module
+        evaluated.eval()
+        val_logits, _ = predict(evaluated, splits["val"].tensor(), cushion, device=worker.device)
         acc = float((val_logits.argmax(1) == splits["val"].labels).mean())
         entry = {"epoch": epoch, "loss": total / max(seen, 1), "val_accuracy_cushion": acc,
                  "seconds": round(time.time() - began, 1)}
@@ -64,7 +75,7 @@ def train_classifier(cfg: TrainConfig, net: AegisNet, splits: dict[str, Split], 
         log.info("classifier epoch %d/%d: loss %.4f, val accuracy (with Cushion) %.4f, %.0fs", epoch + 1,
                  cfg.clf_epochs, entry["loss"], acc, entry["seconds"])
         if worker.main:
-            save_checkpoint(out, "classifier", epoch, net, optimizer, scheduler, history)
+            save_checkpoint(out, "classifier", epoch, net, optimizer, scheduler, history, averaged)
 
 
 def classifier_loss(cfg: TrainConfig, model: nn.Module, trainable: nn.Module, x: Tensor, y: Tensor,

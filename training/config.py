@@ -52,6 +52,9 @@ class TrainConfig:
     clf_adv_fraction: float = 0.5  # pgd_at: share of each batch replaced by its PGD version (the rest stays clean)
     clf_objective: ClassifierObjective = "pgd_at"  # trades / mart attack the whole batch (training.options)
     clf_beta: float = 6.0  # trades / mart: weight of the KL robustness term (both papers' default)
+    # exponential moving average of the classifier's weights (and BatchNorm statistics), decay per step; 0 = off. The
+    # average is what is validated and kept: it smooths the last epochs' robust-overfitting swings (Rice et al. 2020)
+    clf_ema: float = 0.0
     # Cushion (paper: JPEG quality 80)
     cushion: dict[str, Any] = field(default_factory=lambda: {"kind": "jpeg", "quality": 80})
     # Shield adversarial training (paper Eq. 3/4)
@@ -86,6 +89,9 @@ class TrainConfig:
     joint_epochs: int = 0
     joint_lr: float = 1e-4
     joint_adv_weight: float = 1.0  # weight of -log(p_right + p_reject) on the attacked images
+    # the Shield logit at which the training attacker and the joint stage put the accept/reject boundary: 0 for learned
+    # Shields (their BCE's boundary); for margin Shields a log-odds of the predicted class (2.2: ~90% confidence)
+    operating_logit: float = 0.0
     # calibration
     clean_rejection_rate: float = 0.05
     # evaluation written into the bundle (CPU scale by default; the paper uses the whole test split)
@@ -110,6 +116,11 @@ class TrainConfig:
             raise ValueError(f"attack_bpda={self.attack_bpda!r} needs a JPEG Cushion, got {self.cushion}")
         if self.clf_objective != "pgd_at" and not self.clf_adv_eps > 0:
             raise ValueError(f"clf_objective={self.clf_objective!r} is adversarial training: set clf_adv_eps > 0")
+        if self.operating_logit and self.shield_kind != "margin":
+            raise ValueError("operating_logit moves the accept/reject boundary of margin Shields only; learned "
+                             "Shields are trained with theirs at 0")
+        if not 0 <= self.clf_ema < 1:
+            raise ValueError(f"clf_ema is a decay per step in [0, 1), got {self.clf_ema}")
         if not 0 < self.eps_start <= self.eps_end:
             raise ValueError(f"need 0 < eps_start <= eps_end, got {self.eps_start}, {self.eps_end}")
 

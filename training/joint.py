@@ -9,8 +9,10 @@ defender's loss per batch:
   + BCE(S^y(C(x)), 1)                      clean images accepted by their class's Shield
   + w * -log(p_y(C(x')) + p_reject(C(x')))  each attack either classified correctly or rejected
 
-with p the softmax of the (N+1)-class view of the decision (`reject_as_class`, thresholds at the Shields' operating
-point 0). The last term is what a defended classifier with a reject option must satisfy: for the decision to be
+with p the softmax of the (N+1)-class view of the decision (`reject_as_class`, every threshold at the Shields'
+operating logit: 0 for learned Shields; for margin Shields `operating_logit`, a log-odds the clean term
+BCE(S^y - operating_logit, 1) lifts clean images above). With margin Shields this stage is rejection-aware adversarial
+training of the classifier alone: an attack must end right or below the confidence boundary. The last term is what a defended classifier with a reject option must satisfy: for the decision to be
 right, an adversarial image may be rejected or correctly diagnosed, never accepted with a wrong diagnosis
 (Tramèr 2022's robust classifier-with-rejection view; Pang et al. 2022 train a rejection head on the same
 principle). BatchNorm statistics stay frozen (the model runs in eval mode while its weights learn), so the Shields'
@@ -41,9 +43,9 @@ from training.shields import batch_eps, training_attacks, training_objectives, t
 log = logging.getLogger("aegis.train")
 
 
-def right_or_rejected(logits: Tensor, shield_logits: Tensor, y: Tensor) -> Tensor:
-    """Per image, log(p_y + p_reject) in the (N+1)-class view of the decision at thresholds 0."""
-    log_p = reject_as_class(logits, shield_logits, torch.zeros(logits.shape[1])).log_softmax(1)
+def right_or_rejected(logits: Tensor, shield_logits: Tensor, y: Tensor, threshold: float = 0.0) -> Tensor:
+    """Per image, log(p_y + p_reject) in the (N+1)-class view of the decision, every class's threshold `threshold`."""
+    log_p = reject_as_class(logits, shield_logits, torch.full((logits.shape[1],), threshold)).log_softmax(1)
     return torch.logsumexp(torch.stack([log_p.gather(1, y[:, None]).squeeze(1), log_p[:, -1]]), 0)
 
 
@@ -81,16 +83,16 @@ def train_jointly(cfg: TrainConfig, net: AegisNet, splits: dict[str, Split], cus
             logits, shield_logits = trainable(exact_cushion(torch.cat([x, adv.x_adv]), cushion))
             n = len(y)
             clean_ce = F.cross_entropy(logits[:n], y, weight=class_weight, label_smoothing=0.05)
-            clean_shield = shield_logits[:n].gather(1, y[:, None]).squeeze(1)
+            clean_shield = shield_logits[:n].gather(1, y[:, None]).squeeze(1) - cfg.operating_logit
             accept = F.binary_cross_entropy_with_logits(clean_shield, torch.ones_like(clean_shield))
-            robust = right_or_rejected(logits[n:], shield_logits[n:], y)
+            robust = right_or_rejected(logits[n:], shield_logits[n:], y, cfg.operating_logit)
             loss = clean_ce + accept - cfg.joint_adv_weight * robust.mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             with torch.no_grad():
                 adv_pred = logits[n:].argmax(1)
-                adv_accepted = shield_logits[n:].gather(1, adv_pred[:, None]).squeeze(1) >= 0
+                adv_accepted = shield_logits[n:].gather(1, adv_pred[:, None]).squeeze(1) >= cfg.operating_logit
                 stats["loss"] += loss.item() * n
                 stats["clean_correct"] += float((logits[:n].argmax(1) == y).sum())
                 stats["clean_accept"] += float((clean_shield >= 0).sum())

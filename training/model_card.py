@@ -35,7 +35,8 @@ def _joint_stage(training: dict) -> str:
             "held by a clean term.\n")
 
 
-_SHIELD_KIND = {"per_class": "", "shared_trunk": " (one shared tap trunk, a head per class)"}
+_SHIELD_KIND = {"per_class": "", "shared_trunk": " (one shared tap trunk, a head per class)",
+                "margin": " (no weights: the classifier's own log-odds of the class, rejection by confidence)"}
 _EPS_SCHEDULE = {"curriculum": "", "uniform": ", then each batch's budget drawn uniformly from those grey levels"}
 _BPDA_BACKWARD = {"identity": "an identity backward pass", "diffjpeg": "a differentiable-JPEG backward pass",
                   "mixed": "identity and differentiable-JPEG backward passes on alternate batches"}

@@ -23,7 +23,7 @@ Smoothing = Literal["none", "mixed"]
 # (Zhang et al. 2019: clean CE + beta KL(clean || adversarial)), "mart" (Wang et al. 2020: boosted CE on adversarial
 # images + beta KL weighted by how badly the clean image is classified)
 ClassifierObjective = Literal["pgd_at", "trades", "mart"]
-ShieldKind = Literal["per_class", "shared_trunk"]  # models.networks.SHIELD_KINDS
+ShieldKind = Literal["per_class", "shared_trunk", "margin"]  # models.networks.SHIELD_KINDS
 EpsSchedule = Literal["curriculum", "uniform"]
 
 

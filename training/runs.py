@@ -41,9 +41,13 @@ def start_run(out: Path, cfg: TrainConfig, argv: list[str], main: bool) -> None:
         (out / "command.txt").write_text(shlex.join(["python", "-m", "training.train", *argv]) + "\n")
 
 
-def save_checkpoint(out: Path, stage: str, epoch: int, net: AegisNet, optimizer, scheduler, history: dict) -> None:
+def save_checkpoint(out: Path, stage: str, epoch: int, net: AegisNet, optimizer, scheduler, history: dict,
+                    averaged: nn.Module | None = None) -> None:
+    """`averaged`: the stage's weight average (`torch.optim.swa_utils.AveragedModel`), kept to resume it."""
     state = {"stage": stage, "epoch": epoch, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "history": history}
+    if averaged is not None:
+        state["averaged"] = averaged.state_dict()
     torch.save(state, out / "checkpoint.tmp")
     os.replace(out / "checkpoint.tmp", out / "checkpoint.pt")  # atomic: a crash never leaves half a checkpoint
 

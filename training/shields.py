@@ -35,15 +35,15 @@ class ShieldTrainer(nn.Module):
         self.shields = net.shields
         self._net = [net]  # not a submodule: the classifier is frozen and stays out of DDP
 
-    def forward(self, taps: list[Tensor]) -> Tensor:
-        return self._net[0].shield_logits(taps)
+    def forward(self, taps: list[Tensor], logits: Tensor) -> Tensor:
+        return self._net[0].shield_logits(taps, logits)
 
 
 def training_objectives(cfg: TrainConfig, num_classes: int) -> list[Objective]:
     """The objectives the training attacker cycles through, batch by batch (`attack_objective`, e.g. "n1+ce")."""
     build: dict[str, Callable[[], Objective]] = {
         "shield": ShieldOnlyObjective,
-        "n1": lambda: RejectClassObjective(thresholds=torch.zeros(num_classes)),  # the Shields' operating point
+        "n1": lambda: RejectClassObjective(thresholds=torch.full((num_classes,), cfg.operating_logit)),
         "wb": lambda: WhiteBoxObjective(kappa=cfg.attack_kappa),
         "ce": Objective,  # the conventional attacker: the classifier's CE only, blind to the Shields
     }
@@ -83,6 +83,9 @@ def train_shields(cfg: TrainConfig, net: AegisNet, splits: dict[str, Split], cus
     the current Shields (white-box adversarial training), with the epsilon curriculum of `TrainConfig.eps_at`.
     """
     torch.manual_seed(cfg.seed + 1)  # the same Shield run whether the classifier was trained here or loaded
+    if not list(net.shields.parameters()):
+        log.info("%s Shields have no weights: nothing to train", cfg.shield_kind)
+        return
     for p in net.classifier.parameters():
         p.requires_grad_(False)
     net.classifier.eval()
@@ -112,10 +115,10 @@ def train_shields(cfg: TrainConfig, net: AegisNet, splits: dict[str, Split], cus
             adv = pgd(net, x, target, objectives[objective], attacks[turn // len(surrogates) % len(attacks)],
                       cushion=cushion, surrogate=surrogates[turn % len(surrogates)])
             with torch.no_grad():
-                _, clean_taps = net.classifier.forward_with_taps(exact_cushion(x, cushion))
+                clean_logits, clean_taps = net.classifier.forward_with_taps(exact_cushion(x, cushion))
                 adv_logits, adv_taps = net.classifier.forward_with_taps(exact_cushion(adv.x_adv, cushion))
             both = [torch.cat(pair) for pair in zip(clean_taps, adv_taps)]
-            shield_logits = trainable(both)
+            shield_logits = trainable(both, torch.cat([clean_logits, adv_logits]))
             routed = torch.cat([y, target])  # clean images go to their class's Shield, attacks to the target's
             scores = shield_logits.gather(1, routed[:, None]).squeeze(1)
             is_clean = torch.cat([torch.ones_like(y), torch.zeros_like(y)]).float()

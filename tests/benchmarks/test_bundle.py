@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from models.bundle import load_bundle
 from benchmarks.bundle import main
@@ -22,12 +23,13 @@ def test_benchmark_bundle_loads_runs_and_says_it_is_untrained(tmp_path):
     assert logits.shape == shields.shape == (3, 2)
 
 
-def test_a_shared_trunk_bundle_exports_with_the_same_graph_contract(tmp_path):
+@pytest.mark.parametrize("kind", ["shared_trunk", "margin"])
+def test_other_shield_kinds_export_with_the_same_graph_contract(tmp_path, kind):
     import onnxruntime as ort
 
-    assert main(["--backbone", "resnet18", "--size", "32", "--shield-kind", "shared_trunk", "--out", str(tmp_path)]) == 0
+    assert main(["--backbone", "resnet18", "--size", "32", "--shield-kind", kind, "--out", str(tmp_path)]) == 0
     bundle = load_bundle(tmp_path)  # export checked ONNX Runtime against torch; schema and hashes verified here
-    assert bundle.manifest.architecture.shield_kind == "shared_trunk"
+    assert bundle.manifest.architecture.shield_kind == kind
     session = ort.InferenceSession(str(bundle.onnx_path), providers=["CPUExecutionProvider"])
     logits, shields = session.run(None, {"image": np.zeros((3, 1, 32, 32), np.float32)})
     assert logits.shape == shields.shape == (3, 2)

@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from models.bundle import BundleError, LogitDistribution, Manifest, load_bundle, write_manifest
+from models.bundle import SCHEMA_VERSION, BundleError, LogitDistribution, Manifest, load_bundle, write_manifest
 from models.cushion import JpegCushion
 from models.imaging import prepare_image
 from models.networks import load_aegis
@@ -111,7 +111,7 @@ def _as_schema_1_0(bundle_dir):
 
 def test_new_bundles_carry_the_clean_logit_distribution(tiny_bundle_dir):
     m = load_bundle(tiny_bundle_dir).manifest
-    assert m.schema_version == "1.1"
+    assert m.schema_version == SCHEMA_VERSION
     assert set(m.calibration.clean_logits) == set(m.classes)
     for name, distribution in m.calibration.clean_logits.items():
         assert distribution.n == m.calibration.counts[name] == sum(distribution.counts)

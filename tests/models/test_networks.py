@@ -90,11 +90,25 @@ def test_a_shared_trunk_gives_one_logit_per_class_for_the_conv_cost_of_one_shiel
     torch.testing.assert_close(moved - shields, torch.tensor([[0.0, 5.0, 0.0]]).expand(4, 3))
 
 
-@pytest.mark.parametrize("kind", ["per_class", "shared_trunk"])
+@pytest.mark.parametrize("classes", [2, 3])
+def test_margin_shields_are_the_classifiers_log_odds_of_each_class(classes):
+    """Checked against the log-odds written from the softmax: log(p_c / (1 - p_c))."""
+    torch.manual_seed(0)
+    net = build_aegis("resnet18", classes, 1, (32, 32), shield_kind="margin").eval()
+    assert not list(net.shields.parameters())
+    logits, shields = net(torch.rand(5, 1, 32, 32) * 3)
+    p = logits.double().softmax(1)
+    torch.testing.assert_close(shields.double(), (p / (1 - p)).log(), rtol=1e-5, atol=1e-5)
+    if classes == 2:
+        torch.testing.assert_close(shields[:, 0], logits[:, 0] - logits[:, 1])
+
+
+@pytest.mark.parametrize("kind", ["per_class", "shared_trunk", "margin"])
 def test_a_network_describes_its_own_architecture_for_the_manifest(kind):
     net = build_aegis("resnet18", 2, 1, (32, 32), taps=(2, 4), shield_width=8, shield_kind=kind)
     spec = net.architecture()
-    assert (spec.backbone, spec.taps, spec.shield_width, spec.shield_kind) == ("resnet18", (2, 4), 8, kind)
+    width = None if kind == "margin" else 8
+    assert (spec.backbone, spec.taps, spec.shield_width, spec.shield_kind) == ("resnet18", (2, 4), width, kind)
     rebuilt = build_aegis(spec.backbone, 2, 1, (32, 32), spec.taps, spec.shield_width, shield_kind=spec.shield_kind)
     rebuilt.load_state_dict(net.state_dict())  # same modules, same names
 

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from models.bundle import load_bundle
+from models.bundle import SCHEMA_VERSION, load_bundle
 from training import clean_logits
 
 
@@ -36,7 +36,7 @@ def test_writes_the_distribution_into_an_old_bundle_and_keeps_everything_else(ti
 
     assert clean_logits.main(["--bundle", str(root), "--write"]) == 0
     after = load_bundle(root).manifest
-    assert after.schema_version == "1.1"
+    assert after.schema_version == SCHEMA_VERSION
     assert after.thresholds == before.thresholds and after.files["aegis.onnx"] == before.files["aegis.onnx"]
     assert after.files["weights.pt"] == before.files["weights.pt"] and after.metrics == before.metrics
     for name, distribution in after.calibration.clean_logits.items():

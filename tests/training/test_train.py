@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from models.bundle import load_bundle
+from models.networks import build_aegis
 from models.cushion import JpegCushion
 from training.config import PRESETS_DIR, TrainConfig, load_config
 from training.train import main
@@ -372,7 +373,6 @@ def test_uniform_budgets_cover_every_grey_level_after_the_ramp_and_leave_the_cur
 
 
 def test_shared_trunk_shields_train_through_the_same_loop(small_net, xray_data):
-    from models.networks import build_aegis
     from training.data import Split
     from training.distributed import SINGLE_CPU
     from training.shields import train_shields
@@ -403,6 +403,10 @@ def test_right_or_rejected_is_the_log_probability_of_the_two_good_outcomes_writt
     p = np.exp(view) / np.exp(view).sum(1, keepdims=True)
     expected = np.log(p[[0, 1], [1, 0]] + p[:, 2])
     np.testing.assert_allclose(right_or_rejected(logits, shields, y).numpy(), expected, rtol=1e-5)
+    view = np.c_[z, z.max(1) + (2.5 - s[[0, 1], k])]  # every threshold at 2.5: image 0 is now rejected too
+    p = np.exp(view) / np.exp(view).sum(1, keepdims=True)
+    np.testing.assert_allclose(right_or_rejected(logits, shields, y, 2.5).numpy(),
+                               np.log(p[[0, 1], [1, 0]] + p[:, 2]), rtol=1e-5)
 
 
 def test_joint_stage_moves_classifier_and_shields_and_keeps_batchnorm_statistics(small_net, xray_data):
@@ -428,3 +432,54 @@ def test_joint_stage_moves_classifier_and_shields_and_keeps_batchnorm_statistics
     for name in after:  # frozen BatchNorm: its running statistics are the classifier stage's
         if "running_" in name:
             assert torch.equal(after[name], weights[name]), name
+
+
+def test_joint_stage_with_margin_shields_trains_the_classifier_to_reject_by_confidence(xray_data):
+    """Margin Shields have no weights: the joint stage moves the classifier alone, and its attacker and loss put the
+    accept/reject boundary at `operating_logit`, a log-odds (a learned-Shield config refuses the setting)."""
+    from training.data import Split
+    from training.distributed import SINGLE_CPU
+    from training.joint import train_jointly
+    from training.shields import training_objectives
+
+    torch.manual_seed(0)
+    net = build_aegis("resnet18", 2, 1, (32, 32), shield_kind="margin").eval()
+    x, y = xray_data[0][:32], xray_data[1][:32]
+    split = Split((x * 255).round().byte().permute(0, 2, 3, 1).numpy(), y.numpy())
+    cfg = TrainConfig(joint_epochs=1, attack_steps=2, shield_batch_size=32, attack_objective="n1",
+                      shield_kind="margin", operating_logit=2.2)
+    assert torch.equal(training_objectives(cfg, 2)[0].thresholds, torch.full((2,), 2.2))
+    head = net.classifier.head[-1].weight.clone()
+    history = {"classifier": [], "shield": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        train_jointly(cfg, net, {"train": split}, JpegCushion(), SINGLE_CPU, Path(tmp), None, history)
+    assert np.isfinite(history["joint"][0]["loss"]) and not torch.equal(net.classifier.head[-1].weight, head)
+    with pytest.raises(ValueError, match="operating_logit"):
+        TrainConfig(operating_logit=2.2)
+
+
+def test_the_classifier_kept_is_the_weight_average_when_clf_ema_is_set(tmp_path, kermany_dir):
+    """With a decay of 1 - 1e-7 the average stays at the weights after the first step (torch's AveragedModel starts
+    there): the classifier kept is then nearer the untrained network than the same run's without averaging, which
+    took every step."""
+    from training.data import load_data
+    from training.runs import load_checkpoint, network_for
+
+    def classifier_after(ema: float) -> dict:
+        out = tmp_path / f"ema-{ema}"
+        assert main(["--preset", "tiny", "--data-dir", str(kermany_dir), "--out", str(out), "--set", f"clf_ema={ema}",
+                     "--set", "shield_epochs=0", "--skip-eval"]) == 0
+        return {k.removeprefix("classifier."): v for k, v in load_checkpoint(out)["model"].items()
+                if k.startswith("classifier.")}
+
+    cfg = load_config("tiny", {"data_dir": str(kermany_dir)})
+    torch.manual_seed(cfg.seed)
+    load_data(cfg)  # as training.train.main does before it builds the network
+    untrained = network_for(cfg).classifier.state_dict()
+    averaged, trained = classifier_after(1 - 1e-7), classifier_after(0)
+    weights = [k for k, v in untrained.items() if k.endswith("weight") and v.dim() > 1]
+
+    def distance(state: dict) -> float:
+        return sum(float((state[k] - untrained[k]).norm()) for k in weights)
+
+    assert 0 < distance(averaged) < 0.7 * distance(trained)

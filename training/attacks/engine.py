@@ -105,7 +105,7 @@ class CushionedModel(nn.Module):
         classifier = self.model.classifier if shielded else self.model
         taps = tuple(classifier.taps) if shielded else ()
         logits, features = classifier.forward_layers(x, taps + tuple(layers))
-        shield_logits = self.model.shield_logits(features[:len(taps)]) if shielded else None
+        shield_logits = self.model.shield_logits(features[:len(taps)], logits) if shielded else None
         return logits, shield_logits, features[len(taps):]
 
 

@@ -6,10 +6,12 @@
     python -m training.audit table4 --bundle models/default --out results/table4
     python -m training.audit table5 --bundle models/default --out results/table5
     python -m training.audit report --bundle runs/x/bundle --scale cpu [--substitute runs/vgg16]
+    python -m training.audit report --bundle runs/x/bundle --attacks wb_n1,apgd_wb --out runs/x/screen  # a screen
     python -m training.audit ceiling --bundle models/default --set adaptive_steps=100   # robust accuracy, APGD-CE
 
 `--dataset` defaults to the bundle's training dataset; `--data-dir` to $AEGIS_DATA_DIR or ../shared/data/<dataset>.
-Tables write `<out>/<table>.json`, `.md` and `_roc.png`; `report` writes into the bundle and re-hashes its manifest.
+Tables write `<out>/<table>.json`, `.md` and `_roc.png`; `report` writes into the bundle and re-hashes its manifest;
+`report --attacks` (a screen of designs: those attacks at every budget, plus the ceiling) writes `<out>/screen.*` only.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from training.audit import tables
 from training.audit.ceiling import ceiling_markdown, robust_accuracy
 from training.audit.harness import load_audit_data
 from training.audit.outputs import write_result
-from training.audit.report import security_report, summary_line, write_into_bundle
+from training.audit.report import REPORT_COLUMNS, security_report, summary_line, write_into_bundle
 from training.audit.scales import get_scale
 from training.runs import load_trained_classifier
 
@@ -96,9 +98,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     attacks = args.attacks.split(",") if args.attacks else None
     if args.command == "report":
-        result = security_report(ctx)
-        result["_curves"] = ctx.curves
-        for path in write_into_bundle(bundle, result):
+        result = security_report(ctx, attacks)
+        if attacks is None:
+            result["_curves"] = ctx.curves
+            paths = write_into_bundle(bundle, result)
+        else:  # a screen never becomes the bundle's security report
+            paths = write_result(result, args.out or Path("results") / "screen", "screen", REPORT_COLUMNS,
+                                 ctx.curves or None)
+        for path in paths:
             print(path)
         print(summary_line(result))
         return 0

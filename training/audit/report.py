@@ -31,7 +31,9 @@ REPORT_COLUMNS = [("attack", "attack"), ("eps_256", "ε (/256)"), ("steps", "ste
                   ("tpr_at_95tnr", "TPR@95%TNR"), ("sr_at_5fpr", "SR@5%FPR"), ("bypass_rate", "bypass@τ")]
 
 
-def security_report(ctx: Context) -> dict:
+def security_report(ctx: Context, attacks: list[str] | None = None) -> dict:
+    """`attacks` (names such as "wb", "apgd_wb", "tf"): a screen with those attacks only, at every budget, for
+    comparing designs cheaply; its max bypass is over them only, so it is never a bundle's security report."""
     x, y = ctx.clean_test()
     cushion, thresholds = ctx.cushion, ctx.thresholds
     thresholds_t = torch.from_numpy(thresholds).float()
@@ -42,27 +44,34 @@ def security_report(ctx: Context) -> dict:
     # At every report budget (an attacker picks the budget): the acceptance suite (training.evaluate), then attacks
     # stronger than the paper (`attacks-reference.md` §3.8): other directions, APGD, the (N+1)-class objective (the
     # one `attack_objective=n1` Shields are trained against), a differentiable-JPEG backward pass, EOT; with
-    # `--substitute`, the transfer attack. Keys carry `@eps` below the paper's 16/256.
-    runs: list[tuple[str, Attack]] = []
+    # `--substitute`, the transfer attack. Keys carry `@eps` below the paper's 16/256. Each run: (attack, key, attack).
+    runs: list[tuple[str, str, Attack]] = []
     for eps in s.report_budgets:
         at = "" if eps == 16 / 256 else f"@{eps * 256:g}"
-        runs += [(spec.name + at, describe(spec))
+        runs += [(spec.name.removesuffix(str(spec.steps)), spec.name + at, describe(spec))
                  for spec in attack_suite(thresholds_t, steps=s.adaptive_steps, kappa=kappa, eps=eps)]
-        runs += [(f"{name}{s.adaptive_steps}{at}",
+        runs += [(name, f"{name}{s.adaptive_steps}{at}",
                   make_attack(name, eps=eps, steps=s.adaptive_steps, thresholds=thresholds_t, kappa=kappa))
                  for name in REPORT_EXTRA_ATTACKS]
         if ctx.substitute is not None:  # the attacker without model files (Table 3's TF, same steps)
-            runs.append((f"tf{s.conventional_steps}{at}", make_attack("tf", eps=eps, steps=s.conventional_steps,
-                                                                      thresholds=thresholds_t, extras=ctx.extras)))
+            runs.append(("tf", f"tf{s.conventional_steps}{at}", make_attack("tf", eps=eps, steps=s.conventional_steps,
+                                                                            thresholds=thresholds_t,
+                                                                            extras=ctx.extras)))
     # The sanity sweeps of WB: budgets outside the report's (up to 64/256, where any defence must fall), half steps.
     for eps in s.eps_sweep:
         if eps not in s.report_budgets:
-            runs.append((f"wb{s.adaptive_steps}@{eps * 256:g}",
+            runs.append(("wb", f"wb{s.adaptive_steps}@{eps * 256:g}",
                          make_attack("wb", eps=eps, steps=s.adaptive_steps, thresholds=thresholds_t, kappa=kappa)))
     half = max(1, s.adaptive_steps // 2)
-    runs.append((f"wb{half}", make_attack("wb", eps=16 / 256, steps=half, thresholds=thresholds_t, kappa=kappa)))
+    runs.append(("wb", f"wb{half}", make_attack("wb", eps=16 / 256, steps=half, thresholds=thresholds_t, kappa=kappa)))
+    if attacks is not None:
+        unknown = set(attacks) - {base for base, _, _ in runs}
+        if unknown:
+            raise ValueError(f"unknown report attacks {sorted(unknown)}; choose from "
+                             f"{sorted({base for base, _, _ in runs})}")
+        runs = [run for run in runs if run[0] in attacks]
     rows, trials = [], []
-    for name, attack in runs:
+    for _, name, attack in runs:
         log.info("security report: %s on %d images", name, len(index))
         attacked = attack_set(ctx.net, attack, x, y, index, cushion, s.batch, ctx.seed)
         row, curve = shield_row(ctx.net, x, y, attacked, cushion, thresholds, s.bootstrap, ctx.seed, True)
@@ -89,7 +98,13 @@ def security_report(ctx: Context) -> dict:
         "evaluations (more steps and restarts, feature and HFC attacks: Tables 2 and 4) may do better; a high AUROC "
         "is a reason for more attacks, not a result.",
     ]
-    result = ctx.result("report", f"Security report: {ctx.manifest.name} {ctx.manifest.version}", rows, notes, trials)
+    title = f"Security report: {ctx.manifest.name} {ctx.manifest.version}"
+    if attacks is not None:
+        title = f"Security screen ({', '.join(attacks)} only): {ctx.manifest.name} {ctx.manifest.version}"
+        notes.insert(0, f"A screen, not a security report: only {', '.join(attacks)}; the strongest attack is the "
+                        "strongest of these.")
+    result = ctx.result("report", title, rows, notes, trials)
+    result["screen"] = attacks
     result["clean"] = clean_metrics(ctx.net, x, y, cushion, thresholds)
     result["max_bypass"] = max_bypass(rows)
     result["ceiling"] = robust_accuracy(ctx.net.classifier, x, y, cushion, s.eval_images, s.adaptive_steps,

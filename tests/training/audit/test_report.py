@@ -58,6 +58,23 @@ def test_security_report_lands_in_the_bundle_and_hashes_stay_valid(tiny_run, tin
     assert again.model_card().count(CARD_BEGIN) == 1 and again.model_card().startswith("# Model card")
 
 
+def test_a_screen_runs_the_chosen_attacks_at_every_budget_and_leaves_the_bundle_alone(tiny_bundle_dir, kermany_dir,
+                                                                                      tmp_path):
+    before = (tiny_bundle_dir / "manifest.json").read_bytes()
+    assert main(["report", "--bundle", str(tiny_bundle_dir), "--scale", "tiny", "--data-dir", str(kermany_dir),
+                 "--set", "eval_images=4", "--set", "bootstrap=20", "--attacks", "pgd,wb_n1",
+                 "--out", str(tmp_path)]) == 0
+    assert (tiny_bundle_dir / "manifest.json").read_bytes() == before  # a screen is not the bundle's report
+    screen = json.loads((tmp_path / "screen.json").read_text())
+    assert screen["screen"] == ["pgd", "wb_n1"] and screen["title"].startswith("Security screen (pgd, wb_n1 only)")
+    assert sorted(row["attack"] for row in screen["rows"]) == ["pgd20", "pgd20@8", "wb_n14", "wb_n14@8"]
+    assert screen["max_bypass"]["bypass_rate"] == max(row["bypass_rate"] for row in screen["rows"])
+    assert [row["eps_256"] for row in screen["ceiling"]["rows"]] == [8, 16]
+    with pytest.raises(ValueError, match="unknown report attacks"):
+        main(["report", "--bundle", str(tiny_bundle_dir), "--scale", "tiny", "--data-dir", str(kermany_dir),
+              "--attacks", "wb100", "--out", str(tmp_path)])
+
+
 def test_attacks_that_lack_their_inputs_are_unavailable_not_substituted():
     with pytest.raises(AttackUnavailable, match="guide_pool"):
         make_attack("hfc", eps=16 / 256, steps=10, thresholds=torch.zeros(2))
