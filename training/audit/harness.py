@@ -77,6 +77,14 @@ def attack_set(net, attack: Attack, x: Tensor, labels: np.ndarray, index: np.nda
     return AttackedSet(index, targets.numpy(), x_adv, linf)
 
 
+def judge(net, attacked: AttackedSet, cushion: CushionBase, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per attacked image: did it reach its target, and its threshold-relative Shield score (> 0: rejected), routed
+    by the pipeline's prediction as in deployment. Bypassed = reached and score <= 0."""
+    adv_logits, adv_shields = predict(net, attacked.x_adv, cushion)
+    adv_pred = adv_logits.argmax(1)
+    return adv_pred == attacked.targets, routed_scores(adv_shields, adv_pred, thresholds)
+
+
 def shield_row(net, clean_x: Tensor, clean_y: np.ndarray, attacked: AttackedSet, cushion: CushionBase, thresholds: np.ndarray,
                n_resamples: int, seed: int, judge_bypass: bool) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
     """Figures of the Shield (with or without Cushion) against one attacked set, and its ROC inputs.
@@ -89,10 +97,7 @@ def shield_row(net, clean_x: Tensor, clean_y: np.ndarray, attacked: AttackedSet,
     pred = logits.argmax(1)
     correct = pred == clean_y
     clean_scores = routed_scores(shields[correct], pred[correct], thresholds)
-    adv_logits, adv_shields = predict(net, attacked.x_adv, cushion)
-    adv_pred = adv_logits.argmax(1)
-    adv_scores = routed_scores(adv_shields, adv_pred, thresholds)
-    reached = adv_pred == attacked.targets
+    reached, adv_scores = judge(net, attacked, cushion, thresholds)
     row = detection_summary(clean_scores, adv_scores, reached, n_resamples, seed)
     row["max_linf"] = attacked.max_linf
     if judge_bypass:

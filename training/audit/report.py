@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 from models.bundle import Bundle
@@ -16,12 +17,13 @@ from training.attacks.library import long_name
 from training.audit.attacks import Attack, describe, make_attack
 from training.audit.ceiling import ceiling_markdown, robust_accuracy
 from training.audit.checks import Trial
-from training.audit.harness import attack_set, correct_subset, shield_row
+from training.audit.harness import attack_set, correct_subset, judge, shield_row
 from training.audit.outputs import render_result
 from training.audit.tables import Context
 from training.evaluate import attack_suite, clean_metrics
 from training.export import update_bundle
 from training.inference import predict
+from training.metrics import bootstrap_ci
 
 log = logging.getLogger("aegis.audit")
 REPORT_KEYS = {"security_report": "security_report.json", "security_report_md": "security_report.md"}
@@ -70,12 +72,15 @@ def security_report(ctx: Context, attacks: list[str] | None = None) -> dict:
             raise ValueError(f"unknown report attacks {sorted(unknown)}; choose from "
                              f"{sorted({base for base, _, _ in runs})}")
         runs = [run for run in runs if run[0] in attacks]
-    rows, trials = [], []
+    rows, trials, outcomes = [], [], []
     for _, name, attack in runs:
         log.info("security report: %s on %d images", name, len(index))
         attacked = attack_set(ctx.net, attack, x, y, index, cushion, s.batch, ctx.seed)
         row, curve = shield_row(ctx.net, x, y, attacked, cushion, thresholds, s.bootstrap, ctx.seed, True)
         cfg = attack.spec
+        if cfg.eps in s.report_budgets:
+            reached, scores = judge(ctx.net, attacked, cushion, thresholds)
+            outcomes.append((cfg.eps, reached & (scores <= 0)))
         rows.append({"attack": name, "description": cfg.description, "eps": cfg.eps, "eps_256": cfg.eps * 256,
                      "steps": cfg.steps, "status": "ok", "in_threat_model": cfg.eps in s.report_budgets, **row})
         if cfg.eps == 16 / 256:
@@ -107,6 +112,7 @@ def security_report(ctx: Context, attacks: list[str] | None = None) -> dict:
     result["screen"] = attacks
     result["clean"] = clean_metrics(ctx.net, x, y, cushion, thresholds)
     result["max_bypass"] = max_bypass(rows)
+    result["any_attack"] = any_attack(outcomes, s.bootstrap, ctx.seed)
     result["ceiling"] = robust_accuracy(ctx.net.classifier, x, y, cushion, s.eval_images, s.adaptive_steps,
                                         s.report_budgets, s.batch, ctx.seed, s.bootstrap)
     result["summary_md"] = f"**{summary_line(result)}**\n\n{ceiling_markdown(result['ceiling'])}"
@@ -120,6 +126,21 @@ def max_bypass(rows: list[dict]) -> dict:
                 key=lambda r: r["bypass_rate"])
     return {"attack": worst["attack"], "eps_256": worst["eps_256"], "bypass_rate": worst["bypass_rate"],
             "bypass_rate_ci95": worst["bypass_rate_ci95"], "attempted": worst["attempted"]}
+
+
+def any_attack(outcomes: list[tuple[float, np.ndarray]], n_resamples: int, seed: int) -> list[dict]:
+    """The attacker who runs every attack of the report on each image and keeps one that passes (worst case per
+    image, as AutoAttack counts robust accuracy): per budget, the share of attempted images bypassed by at least one
+    attack at that budget or a smaller one, since a perturbation within 4/256 is also within 16/256. `outcomes`:
+    (eps, bypassed per image) for every run, all on the same images. At least the highest single row."""
+    rows = []
+    for eps in sorted({e for e, _ in outcomes}):
+        hit = np.logical_or.reduce([b for e, b in outcomes if e <= eps]).astype(float)
+        if len(hit):
+            rows.append({"eps_256": eps * 256, "bypass_rate": float(hit.mean()), "attempted": len(hit),
+                         "bypass_rate_ci95": list(bootstrap_ci(np.mean, hit, n_resamples=max(n_resamples, 100),
+                                                               seed=seed))})
+    return rows
 
 
 CARD_BEGIN, CARD_END = "<!-- security-report:begin -->", "<!-- security-report:end -->"
@@ -136,6 +157,7 @@ def card_section(result: dict) -> str:
     verdict = ("" if worst is None else
                f"Strongest attack over every budget: **{worst['attack']}** at {worst['eps_256']:g}/256, which passes "
                f"the Shield on {worst['bypass_rate']:.0%} of attempted images{_interval(worst, '.0%')}. ")
+    verdict += any_attack_sentence(result)
     ceiling = f"\n{ceiling_markdown(result['ceiling'])}\n" if "ceiling" in result else ""
     return f"""{CARD_BEGIN}
 ## Security report (generated from `security_report.json`)
@@ -174,8 +196,21 @@ def write_into_bundle(bundle: Bundle, result: dict) -> list:
 
 def summary_line(result: dict) -> str:
     worst = result["max_bypass"]
-    return (f"strongest over all budgets: {worst['attack']} at {worst['eps_256']:g}/256, bypass "
-            f"{worst['bypass_rate']:.3f}{_interval(worst, '.3f')}; {len(result['sanity_flags'])} sanity flag(s)")
+    line = (f"strongest over all budgets: {worst['attack']} at {worst['eps_256']:g}/256, bypass "
+            f"{worst['bypass_rate']:.3f}{_interval(worst, '.3f')}")
+    if result.get("any_attack"):
+        top = result["any_attack"][-1]
+        line += (f"; every attack tried on each image, up to {top['eps_256']:g}/256: bypass "
+                 f"{top['bypass_rate']:.3f}{_interval(top, '.3f')}")
+    return f"{line}; {len(result['sanity_flags'])} sanity flag(s)"
+
+
+def any_attack_sentence(result: dict) -> str:
+    rows = result.get("any_attack") or []
+    if not rows:
+        return ""
+    figures = ", ".join(f"{r['bypass_rate']:.0%}{_interval(r, '.0%')} up to {r['eps_256']:g}/256" for r in rows)
+    return f"An attacker who tries every attack of this report on each image and keeps one that passes: {figures}. "
 
 
 def _interval(row: dict, spec: str) -> str:

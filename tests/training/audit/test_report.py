@@ -39,6 +39,14 @@ def test_security_report_lands_in_the_bundle_and_hashes_stay_valid(tiny_run, tin
     in_model = [row for row in report["rows"] if row["eps"] in (8 / 256, 16 / 256)]
     assert report["max_bypass"]["bypass_rate"] == max(row["bypass_rate"] for row in in_model)
     assert all(row["in_threat_model"] == (row in in_model) for row in report["rows"])
+    # Every attack tried on each image: at least the best single row at or below each budget, never less at 16.
+    any_rows = report["any_attack"]
+    assert [row["eps_256"] for row in any_rows] == [8, 16]
+    for row in any_rows:
+        single = max(r["bypass_rate"] for r in in_model if r["eps_256"] <= row["eps_256"])
+        assert single <= row["bypass_rate"] <= 1 and row["attempted"] == report["max_bypass"]["attempted"]
+    assert any_rows[0]["bypass_rate"] <= any_rows[1]["bypass_rate"]
+    assert "every attack tried on each image" in bundle.report("security_report_md")
     assert [row["eps_256"] for row in report["ceiling"]["rows"]] == [8, 16]
     assert "Robust accuracy of Cushion + classifier" in bundle.report("security_report_md")
     assert report["roc_plot"] in bundle.manifest.files
@@ -103,3 +111,15 @@ def test_every_adaptive_attack_with_a_cw_margin_gets_the_bundles_kappa():
     with_margin = {name for name, entry in ATTACKS.items() if "kappa" in inspect.signature(entry.build).parameters}
     assert TAKES_BUNDLE_KAPPA == with_margin - CONVENTIONAL - {"hfc", "hfc_cw", "hfc_ref"}  # HFC: its own kappa 100
     assert "kappa=3" in make_attack("wb", eps=16 / 256, steps=5, thresholds=torch.zeros(2), kappa=3.0).spec.description
+
+
+def test_any_attack_counts_an_image_once_when_some_attack_at_or_below_the_budget_passes():
+    import numpy as np
+
+    from training.audit.report import any_attack
+
+    outcomes = [(4 / 256, np.array([1, 0, 0, 0], bool)), (4 / 256, np.array([0, 1, 0, 0], bool)),
+                (16 / 256, np.array([1, 0, 1, 0], bool))]  # image 3 resists everything
+    rows = any_attack(outcomes, n_resamples=50, seed=0)
+    assert [(r["eps_256"], r["bypass_rate"], r["attempted"]) for r in rows] == [(4, 0.5, 4), (16, 0.75, 4)]
+    assert all(low <= r["bypass_rate"] <= high for r in rows for low, high in [r["bypass_rate_ci95"]])
