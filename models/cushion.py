@@ -15,7 +15,7 @@ from typing import Annotated, Literal, Union
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
@@ -75,12 +75,49 @@ class JpegCushion(CushionBase):
     quality: int = Field(80, ge=1, le=100, description="libjpeg quality")
 
     def _apply(self, image: np.ndarray) -> np.ndarray:
-        gray = image.shape[2] == 1
-        pil = Image.fromarray(image[:, :, 0] if gray else image, mode="L" if gray else "RGB")
-        buffer = io.BytesIO()
-        pil.save(buffer, format="JPEG", quality=self.quality, subsampling="4:2:0", optimize=False)
-        decoded = np.array(Image.open(io.BytesIO(buffer.getvalue())))  # a writable copy
-        return decoded[:, :, None] if gray else decoded
+        return jpeg_round_trip(image, self.quality)
+
+
+def jpeg_round_trip(image: np.ndarray, quality: int, offset: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """Pillow JPEG round trip of a uint8 H x W x C image; `offset` (dy, dx) moves the 8 x 8 block grid under the
+    image (edge rows / columns replicated in front, cropped after), the content stays where it is."""
+    dy, dx = offset
+    if dy or dx:
+        image = np.pad(image, ((dy, 0), (dx, 0), (0, 0)), mode="edge")
+    gray = image.shape[2] == 1
+    pil = Image.fromarray(image[:, :, 0] if gray else image, mode="L" if gray else "RGB")
+    buffer = io.BytesIO()
+    pil.save(buffer, format="JPEG", quality=quality, subsampling="4:2:0", optimize=False)
+    decoded = np.array(Image.open(io.BytesIO(buffer.getvalue())))  # a writable copy
+    decoded = decoded[:, :, None] if gray else decoded
+    return decoded[dy:, dx:]
+
+
+class RandomisedJpegCushion(CushionBase):
+    """JPEG with its quality and block-grid offset drawn per image (Defence 3.0, issue 15 item 5): quality uniform
+    in quality ± quality_spread, grid offset uniform in 0..max_shift pixels on each axis.
+
+    Under study, not a manifest kind: it ships only if an EOT attack over this same distribution
+    (`wb_eot_cushion`) does worse against it than against the fixed Cushion (`python -m training.audit randomised`).
+    Draws come from a generator seeded by `seed` (None: fresh OS entropy), so an audit is reproducible; a service
+    would have to draw unpredictably per request and record the draw with the decision.
+    """
+
+    kind: Literal["jpeg_random"] = "jpeg_random"
+    quality: int = Field(80, ge=1, le=100)
+    quality_spread: int = Field(10, ge=0, le=50)
+    max_shift: int = Field(2, ge=0, le=7)
+    seed: int | None = None
+    _rng: np.random.Generator = PrivateAttr()
+
+    def model_post_init(self, _context) -> None:
+        self._rng = np.random.default_rng(self.seed)
+
+    def _apply(self, image: np.ndarray) -> np.ndarray:
+        low, high = max(self.quality - self.quality_spread, 1), min(self.quality + self.quality_spread, 100)
+        quality = int(self._rng.integers(low, high + 1))
+        dy, dx = (int(v) for v in self._rng.integers(0, self.max_shift + 1, size=2))
+        return jpeg_round_trip(image, quality, (dy, dx))
 
 
 class BitDepthCushion(CushionBase):

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from models.cushion import BitDepthCushion, JpegCushion, NoCushion, TVCushion, parse_cushion, to_uint8
+from models.cushion import (BitDepthCushion, JpegCushion, NoCushion, RandomisedJpegCushion, TVCushion, jpeg_round_trip, parse_cushion,
+                           to_uint8)
 from tests.conftest import REPO
 
 
@@ -114,3 +115,24 @@ def test_serving_modules_import_without_torch():
 
 # sha256 of JpegCushion(quality=80) on test/NORMAL/IM-0001-0001.png with Pillow 13.0.0 (libjpeg-turbo 3.x)
 GOLDEN_JPEG80 = "ff100d66a7eef95adc501aaaf1e6a03b6813c140fb059a442330c96221da7457"
+
+
+def test_randomised_jpeg_draws_quality_and_grid_offset_per_image_reproducibly(xray_images):
+    image = xray_images[0]
+    fixed = RandomisedJpegCushion(quality_spread=0, max_shift=0, seed=0)
+    assert np.array_equal(fixed(image), JpegCushion()(image))  # no randomness left: the fixed Cushion, byte for byte
+    a, b = RandomisedJpegCushion(seed=7), RandomisedJpegCushion(seed=7)
+    draws_a, draws_b = [a(image) for _ in range(8)], [b(image) for _ in range(8)]
+    assert all(np.array_equal(p, q) for p, q in zip(draws_a, draws_b))  # the seed replays the draws
+    assert len({d.tobytes() for d in draws_a}) > 1  # and they differ between calls
+    # Every draw is some Pillow JPEG of the image at a quality in range with a grid offset of at most 2 px.
+    candidates = {jpeg_round_trip(image, q, (dy, dx)).tobytes() for q in range(70, 91) for dy in range(3) for dx in range(3)}
+    assert all(d.tobytes() in candidates for d in draws_a)
+
+
+def test_a_grid_offset_moves_the_blocks_not_the_content(xray_images):
+    image = xray_images[0]
+    shifted = jpeg_round_trip(image, 80, (2, 1)).astype(int)
+    assert shifted.shape == image.shape
+    assert np.abs(shifted - image).mean() < np.abs(shifted - np.roll(image, (2, 1), axis=(0, 1))).mean()
+    assert not np.array_equal(shifted, JpegCushion()(image))

@@ -1,6 +1,7 @@
 """Behaviour of the named attacks (`training.attacks.library`): budgets, verdicts, strength orderings, the hooks
 (DIM, TIM, differentiable JPEG, EOT), the feature-space objectives, and a cross-check against torchattacks."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -43,7 +44,7 @@ def _options(name, small_net, guide_pool, hfc_mixtures):
         return {"mixtures": hfc_mixtures}
     if name == "cw_l2":
         return {"search_steps": 2}
-    if name == "wb_eot":
+    if name in ("wb_eot", "wb_eot_cushion"):
         return {"eot_samples": 2}
     return {}
 
@@ -264,3 +265,22 @@ def test_report_keys_have_readable_names():
     assert long_name("wb_n1100").startswith(ATTACKS["wb_n1"].summary)  # not "wb_n" with 1100 steps
     assert long_name("tf10") == f"{ATTACKS['transfer_vgg16'].summary}; 10 steps"
     assert long_name("pgd20").startswith("PGD-L∞")
+
+
+def test_diff_jpeg_with_a_grid_offset_models_the_randomised_cushion_draw(images):
+    """The EOT surrogate of `RandomisedJpegCushion` codes on the same shifted block grid as Pillow does."""
+    from models.cushion import jpeg_round_trip, to_uint8
+
+    x = quantise(images[0][:4])
+    torch.manual_seed(0)
+    dy, dx = (int(v) for v in torch.randint(0, 3, (2,)))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        surrogate = DiffJpeg(80.0, max_grid_shift=2)(x).numpy()
+    uint8 = to_uint8(x.numpy()).transpose(0, 2, 3, 1)
+
+    def pillow(offset):
+        return np.stack([jpeg_round_trip(im, 80, offset) for im in uint8]).transpose(0, 3, 1, 2) / 255.0
+
+    assert (dy, dx) != (0, 0)  # the seed draws a real offset, else the test says nothing
+    assert np.abs(surrogate - pillow((dy, dx))).mean() < 0.5 * np.abs(surrogate - pillow((0, 0))).mean()

@@ -231,6 +231,20 @@ def _wb_eot(eps, steps, thresholds, kappa=10.0, restarts=1, eot_samples=10, qual
                                    transform=RandomTranslate(shift)), surrogate)
 
 
+def _wb_eot_cushion(eps, steps, thresholds, kappa=10.0, restarts=1, eot_samples=10):
+    """EOT over a randomised Cushion's own distribution: every forward pass is a fresh exact draw of the Cushion,
+    every backward a differentiable JPEG drawn from the same quality range and grid offsets."""
+    def surrogate(cushion: CushionBase):
+        q, spread = jpeg_quality(cushion), getattr(cushion, "quality_spread", 0)
+        return DiffJpeg((max(q - spread, 1.0), min(q + spread, 100.0)) if spread else q,
+                        max_grid_shift=getattr(cushion, "max_shift", 0))
+
+    return _engine_spec("wb_eot_cushion", f"WB ({steps} steps of eps/8) with EOT over the Cushion's own random "
+                        f"draws: gradients averaged over {eot_samples} draws of quality and JPEG grid offset",
+                        _white_box(thresholds, kappa), _wb_config(eps, steps, restarts, eot_samples=eot_samples),
+                        surrogate)
+
+
 def _fea(label_weight: float):
     def build(eps, steps, thresholds, guide_pool: tuple[Tensor, Tensor] | None = None, layers=None, kappa=10.0,
               restarts=1):
@@ -314,6 +328,7 @@ ATTACKS: dict[str, _Entry] = {
     "apgd_wb": _Entry(_apgd_wb, LINF_EPS, 100, "APGD on the WB objective (Croce & Hein 2020)"),
     "wb_diffjpeg": _Entry(_wb_diffjpeg, LINF_EPS, 100, "WB with a differentiable-JPEG BPDA backward (Reich 2024)"),
     "wb_eot": _Entry(_wb_eot, LINF_EPS, 100, "WB with EOT over JPEG quality and translations (Athalye 2018)"),
+    "wb_eot_cushion": _Entry(_wb_eot_cushion, LINF_EPS, 100, "WB with EOT over a randomised Cushion's draws"),
     "fea": _Entry(_fea(0.0), LINF_EPS, 100, "feature matching to a target-class guide (Sabour et al. 2016)"),
     "fea_cw": _Entry(_fea(1.0), LINF_EPS, 100, "Fea + CW margin on the label"),
     "hfc": _Entry(_hfc(False), LINF_EPS, 100, "PGD + hierarchical feature constraint (Yao et al. 2021)"),

@@ -76,12 +76,24 @@ class DiffJpeg:
     `quality` is one value (the Cushion's) or a (low, high) range sampled per image and call, which makes the
     surrogate stochastic for EOT over unknown qualities. Grayscale: kornia codes RGB, so the channel is replicated
     (R = G = B gives constant chroma, which JPEG codes without loss: the luma path is Pillow's "L" JPEG) and the
-    three decoded channels are averaged back.
+    three decoded channels are averaged back. `max_grid_shift` > 0: the block grid is offset by a random 0..max
+    pixels per axis and call, like `models.cushion.RandomisedJpegCushion` (kornia needs sides divisible by 16, so the
+    far sides are padded up to the next multiple and cropped).
     """
 
     quality: float | tuple[float, float] = 80.0
+    max_grid_shift: int = 0
 
     def __call__(self, x: Tensor) -> Tensor:
+        if not self.max_grid_shift:
+            return self._code(x)
+        dy, dx = (int(v) for v in torch.randint(0, self.max_grid_shift + 1, (2,)))
+        h, w = x.shape[-2:]
+        pad_h, pad_w = -(h + dy) % 16, -(w + dx) % 16
+        padded = F.pad(x, (dx, pad_w, dy, pad_h), mode="replicate")
+        return self._code(padded)[..., dy:dy + h, dx:dx + w]
+
+    def _code(self, x: Tensor) -> Tensor:
         from kornia.enhance import jpeg_codec_differentiable  # lazy: only the surrogate attacks need kornia
 
         if isinstance(self.quality, tuple):

@@ -8,6 +8,7 @@
     python -m training.audit report --bundle runs/x/bundle --scale cpu [--substitute runs/vgg16]
     python -m training.audit report --bundle runs/x/bundle --attacks wb_n1,apgd_wb --out runs/x/screen  # a screen
     python -m training.audit ceiling --bundle models/default --set adaptive_steps=100   # robust accuracy, APGD-CE
+    python -m training.audit randomised --bundle runs/x/bundle --out results/kermany/randomised  # randomised Cushion
 
 `--dataset` defaults to the bundle's training dataset; `--data-dir` to $AEGIS_DATA_DIR or ../shared/data/<dataset>.
 Tables write `<out>/<table>.json`, `.md` and `_roc.png`; `report` writes into the bundle and re-hashes its manifest;
@@ -26,12 +27,13 @@ from pathlib import Path
 import torch
 
 from models.bundle import load_bundle
-from models.cushion import parse_cushion
+from models.cushion import RandomisedJpegCushion, parse_cushion
 from models.networks import load_aegis
 from training.audit import tables
 from training.audit.ceiling import ceiling_markdown, robust_accuracy
 from training.audit.harness import load_audit_data
 from training.audit.outputs import write_result
+from training.audit.randomised import STUDY_ATTACKS, STUDY_COLUMNS, randomised_cushion_study
 from training.audit.report import REPORT_COLUMNS, security_report, summary_line, write_into_bundle
 from training.audit.scales import get_scale
 from training.runs import load_trained_classifier
@@ -42,7 +44,7 @@ TABLES = ("table1", "table2", "table3", "table4", "table5")
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.audit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=(*TABLES, "report", "ceiling"))
+    parser.add_argument("command", choices=(*TABLES, "report", "ceiling", "randomised"))
     parser.add_argument("--bundle", type=Path, default=None, help="bundle folder (default: the embedded one)")
     parser.add_argument("--dataset", choices=("kermany", "aptos"), help="default: the bundle's dataset")
     parser.add_argument("--data-dir", type=Path, help="dataset folder")
@@ -60,6 +62,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ceiling-split", choices=("test", "train"), default="test",
                         help="ceiling only: attack test images (the figure) or training-split images (robust overfitting:"
                              " a classifier robust on the images it learnt from but not on new ones)")
+    parser.add_argument("--randomised-cushion", default="jpeg_random", metavar="SPEC", help="randomised only: "
+                        "quality_spread=10,max_shift=2 (RandomisedJpegCushion fields; quality from the bundle)")
+    parser.add_argument("--tries", type=int, default=5, help="randomised only: requests an attacker may resubmit")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     return parser
@@ -97,6 +102,13 @@ def main(argv: list[str] | None = None) -> int:
         print(ceiling_markdown(ceiling))
         return 0
     attacks = args.attacks.split(",") if args.attacks else None
+    if args.command == "randomised":
+        options = dict(item.split("=", 1) for item in args.randomised_cushion.split(",") if "=" in item)
+        cushion = RandomisedJpegCushion(quality=getattr(m.cushion, "quality", 80), seed=args.seed, **options)
+        result = randomised_cushion_study(ctx, cushion, args.tries, tuple(attacks) if attacks else STUDY_ATTACKS)
+        for path in write_result(result, args.out or Path("results") / "randomised", "randomised", STUDY_COLUMNS):
+            print(path)
+        return 0
     if args.command == "report":
         result = security_report(ctx, attacks)
         if attacks is None:

@@ -34,7 +34,7 @@ from training.shields import train_shields
 
 log = logging.getLogger("aegis.audit")
 EPS_LINF, EPS_L2 = 16 / 256, 8 / 256  # paper §4.1 (the L2 budget is tiny: `attacks-reference.md` §0.1)
-JPEG_SURROGATE_ATTACKS = {"wb_diffjpeg", "wb_eot"}  # their backward pass is a differentiable JPEG
+JPEG_SURROGATE_ATTACKS = {"wb_diffjpeg", "wb_eot", "wb_eot_cushion"}  # their backward pass is a differentiable JPEG
 
 
 @dataclass

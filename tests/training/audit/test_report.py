@@ -123,3 +123,23 @@ def test_any_attack_counts_an_image_once_when_some_attack_at_or_below_the_budget
     rows = any_attack(outcomes, n_resamples=50, seed=0)
     assert [(r["eps_256"], r["bypass_rate"], r["attempted"]) for r in rows] == [(4, 0.5, 4), (16, 0.75, 4)]
     assert all(low <= r["bypass_rate"] <= high for r in rows for low, high in [r["bypass_rate_ci95"]])
+
+
+def test_the_randomised_cushion_study_recalibrates_and_judges_both_cushions_on_the_same_images(
+        tiny_bundle_dir, kermany_dir, tmp_path):
+    assert main(["randomised", "--bundle", str(tiny_bundle_dir), "--scale", "tiny", "--data-dir", str(kermany_dir),
+                 "--set", "eval_images=4", "--set", "bootstrap=20", "--set", "adaptive_steps=2", "--tries", "3",
+                 "--randomised-cushion", "quality_spread=5,max_shift=1", "--out", str(tmp_path)]) == 0
+    study = json.loads((tmp_path / "randomised.json").read_text())
+    rows = study["rows"]
+    assert {(r["cushion"], r["attack"], r["eps_256"]) for r in rows} == {
+        (c, a, e) for c, a in (("fixed", "wb_diffjpeg"), ("randomised", "wb_diffjpeg"), ("randomised", "wb_eot_cushion"))
+        for e in (8, 16)}
+    assert len({r["attempted"] for r in rows}) == 1
+    for row in rows:
+        assert 0 <= row["bypass_rate"] <= row["bypass_rate_tries"] <= 1  # more requests never pass less
+        assert row["tries"] == (3 if row["cushion"] == "randomised" else 1)
+        if row["cushion"] == "fixed":
+            assert row["bypass_rate"] == row["bypass_rate_tries"]
+    assert set(study["clean"]) == {"fixed", "randomised"} and "quality_spread=5" in study["notes"][0]
+    assert set(study["randomised_thresholds"]) == set(study["bundle"]["thresholds"])
