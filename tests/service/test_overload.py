@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 import signal
 import sqlite3
 import time
@@ -62,6 +63,11 @@ async def _send(client: httpx.AsyncClient, url: str, sent: Sent, body: bytes) ->
 def _burst(client, url, bodies, n, prefix) -> list[asyncio.Task]:
     return [asyncio.create_task(_send(client, url, Sent(f"{prefix}-{i}", i % len(bodies)), bodies[i % len(bodies)]))
             for i in range(n)]
+
+
+async def _inflight(client: httpx.AsyncClient, url: str) -> float:
+    metrics = (await client.get(f"{url}/metrics", headers={"x-api-key": KEY})).text
+    return float(re.search(r"^aegis_inflight_requests (\S+)$", metrics, re.MULTILINE).group(1))
 
 
 def _recorded(record: str) -> dict[str, int]:
@@ -123,9 +129,9 @@ def test_a_burst_over_capacity_gets_503_with_retry_after_every_200_is_right_and_
 
 def test_sigterm_under_load_finishes_the_requests_in_flight_refuses_new_connections_and_exits_0(
         start, image_paths, expected):
-    # the first micro-batch waits up to 0.3 s for company while requests are still coming in: SIGTERM lands while
+    # the first micro-batch waits up to 1 s for company while requests are still coming in: SIGTERM lands while
     # the burst is in flight
-    server, record = start(max_batch_size=64, max_batch_wait_seconds=0.3)
+    server, record = start(max_batch_size=64, max_batch_wait_seconds=1.0)
     bodies = [png_bytes(p) for p in image_paths]
 
     def probe_until_refused() -> tuple[list[httpx.Response], float]:
@@ -143,7 +149,12 @@ def test_sigterm_under_load_finishes_the_requests_in_flight_refuses_new_connecti
     async def scenario():
         async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=64)) as client:
             tasks = _burst(client, server.url, bodies, 32, "inflight")
-            await asyncio.sleep(0.05)  # well inside the first micro-batch's 0.3 s wait: requests are in flight
+            # SIGTERM once the server holds requests (on a busy host the burst may take a while to connect), which is
+            # well inside the first micro-batch's 1 s wait
+            deadline = time.monotonic() + 20
+            while not await _inflight(client, server.url):
+                assert time.monotonic() < deadline, "the burst never reached the server"
+                await asyncio.sleep(0.01)
             sent_at = time.monotonic()
             server.signal(signal.SIGTERM)
             probes, refused_at = await asyncio.to_thread(probe_until_refused)
