@@ -125,7 +125,8 @@ def defence_cost(bundle: Bundle, images: list[bytes], device: str, threads: int,
     shield_overhead = float(np.median(ratios)) - 1
     result.update(full_graph_images_per_second=full, classifier_only_images_per_second=classifier,
                   shield_overhead=shield_overhead, rounds=rounds,
-                  cushion_plus_shield_overhead=shield_overhead + cushion_seconds * classifier)  # per image, over 1/classifier
+                  # per image: (1/full + cushion) / (1/classifier) - 1
+                  cushion_plus_shield_overhead=shield_overhead + cushion_seconds * classifier)
     return result
 
 

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from models.cushion import (BitDepthCushion, JpegCushion, NoCushion, RandomisedJpegCushion, TVCushion, jpeg_round_trip, parse_cushion,
-                           to_uint8)
+from models.cushion import (BitDepthCushion, JpegCushion, NoCushion, RandomisedJpegCushion, TVCushion, jpeg_round_trip,
+                            parse_cushion, to_uint8)
 from tests.conftest import REPO
 
 
@@ -126,7 +126,8 @@ def test_randomised_jpeg_draws_quality_and_grid_offset_per_image_reproducibly(xr
     assert all(np.array_equal(p, q) for p, q in zip(draws_a, draws_b))  # the seed replays the draws
     assert len({d.tobytes() for d in draws_a}) > 1  # and they differ between calls
     # Every draw is some Pillow JPEG of the image at a quality in range with a grid offset of at most 2 px.
-    candidates = {jpeg_round_trip(image, q, (dy, dx)).tobytes() for q in range(70, 91) for dy in range(3) for dx in range(3)}
+    candidates = {jpeg_round_trip(image, q, (dy, dx)).tobytes()
+                  for q in range(70, 91) for dy in range(3) for dx in range(3)}
     assert all(d.tobytes() in candidates for d in draws_a)
 
 

@@ -26,7 +26,8 @@ CONVENTIONAL = {"fgsm", "bim", "pgd_linf", "pgd_l2", "mim", "dim", "tim", "cw_li
 EXTERNAL = {"torchattacks_pgd"}  # attack code this project did not write (training/audit/crosscheck.py)
 # Attacks whose CW confidence is the bundle's training kappa (the WB objective's); HFC keeps its own (its margin
 # is on another scale) and the (N+1)-class attack's cross-entropy has none.
-TAKES_BUNDLE_KAPPA = {"wb", "wbd", "spgd", "opgd", "apgd_wb", "wb_diffjpeg", "wb_eot", "wb_eot_cushion", "fea", "fea_cw"}
+TAKES_BUNDLE_KAPPA = {"wb", "wbd", "spgd", "opgd", "apgd_wb", "wb_diffjpeg", "wb_eot", "wb_eot_cushion", "fea",
+                      "fea_cw"}
 NEEDS = {"fea": "guide_pool", "fea_cw": "guide_pool", "hfc": "guide_pool", "hfc_cw": "guide_pool",
          "hfc_ref": "guide_pool", "transfer_vgg16": "substitute"}
 

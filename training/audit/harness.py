@@ -79,30 +79,45 @@ def attack_set(net, attack: Attack, x: Tensor, labels: np.ndarray, index: np.nda
 
 def judge(net, attacked: AttackedSet, cushion: CushionBase, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per attacked image: did it reach its target, and its threshold-relative Shield score (> 0: rejected), routed
-    by the pipeline's prediction as in deployment. Bypassed = reached and score <= 0."""
+    by the pipeline's prediction as in deployment."""
     adv_logits, adv_shields = predict(net, attacked.x_adv, cushion)
     adv_pred = adv_logits.argmax(1)
     return adv_pred == attacked.targets, routed_scores(adv_shields, adv_pred, thresholds)
 
 
+def bypassed(judged: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Per attacked image, from `judge`: reached the target and accepted (the end-to-end success)."""
+    reached, scores = judged
+    return reached & (scores <= 0)
+
+
+def share(key: str, hit: np.ndarray, n_resamples: int, seed: int) -> dict:
+    """{key: share of True in `hit`, key_ci95: its percentile bootstrap interval} (NaN for no images)."""
+    hit = np.asarray(hit, dtype=float)
+    if not len(hit):
+        return {key: float("nan"), f"{key}_ci95": [float("nan"), float("nan")]}
+    return {key: float(hit.mean()),
+            f"{key}_ci95": list(bootstrap_ci(np.mean, hit, n_resamples=max(n_resamples, 100), seed=seed))}
+
+
 def shield_row(net, clean_x: Tensor, clean_y: np.ndarray, attacked: AttackedSet, cushion: CushionBase, thresholds: np.ndarray,
-               n_resamples: int, seed: int, judge_bypass: bool) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
+               n_resamples: int, seed: int, judge_bypass: bool,
+               judged: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
     """Figures of the Shield (with or without Cushion) against one attacked set, and its ROC inputs.
 
     Scores are threshold-relative (`routed_scores`) and routed by the pipeline's *prediction*, as in deployment.
     `judge_bypass`: also report the bypass rate at the bundle's own thresholds (only meaningful for the
-    configuration they were calibrated for).
+    configuration they were calibrated for). `judged`: `judge`'s answer for `attacked`, when the caller has it.
     """
     logits, shields = predict(net, clean_x, cushion)
     pred = logits.argmax(1)
     correct = pred == clean_y
     clean_scores = routed_scores(shields[correct], pred[correct], thresholds)
-    reached, adv_scores = judge(net, attacked, cushion, thresholds)
+    judged = judged or judge(net, attacked, cushion, thresholds)
+    reached, adv_scores = judged
     row = detection_summary(clean_scores, adv_scores, reached, n_resamples, seed)
     row["max_linf"] = attacked.max_linf
     if judge_bypass:
-        bypassed = (reached & (adv_scores <= 0)).astype(float)
-        row["bypass_rate"] = float(np.mean(bypassed)) if len(bypassed) else float("nan")
-        row["bypass_rate_ci95"] = list(bootstrap_ci(np.mean, bypassed, n_resamples=max(n_resamples, 100), seed=seed))
+        row.update(share("bypass_rate", bypassed(judged), n_resamples, seed))
         row["clean_rejection_rate"] = float(np.mean(clean_scores > 0))
     return row, (clean_scores, adv_scores[reached])

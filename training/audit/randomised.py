@@ -22,13 +22,12 @@ import torch
 from models.bundle import threshold_array
 from models.cushion import CushionBase, RandomisedJpegCushion
 from training.audit.attacks import make_attack
-from training.audit.harness import attack_set, correct_subset, judge
+from training.audit.harness import attack_set, bypassed, correct_subset, judge, share
 from training.audit.tables import Context
 from training.config import TrainConfig, load_config
 from training.data import load_data
 from training.evaluate import calibrate, clean_metrics
 from training.inference import predict
-from training.metrics import bootstrap_ci
 
 log = logging.getLogger("aegis.audit")
 STUDY_ATTACKS = ("wb_diffjpeg", "wb_eot_cushion")
@@ -72,11 +71,11 @@ def randomised_cushion_study(ctx: Context, cushion: RandomisedJpegCushion, tries
                          len(index))
                 attacked = attack_set(ctx.net, attack, x, y, index, c, s.batch, ctx.seed)
                 k = tries if design == "randomised" else 1
-                passed = np.stack([_bypassed(ctx, attacked, c, thresholds) for _ in range(k)])
+                passed = np.stack([bypassed(judge(ctx.net, attacked, c, thresholds)) for _ in range(k)])
                 rows.append({"cushion": design, "attack": name, "eps": eps, "eps_256": eps * 256,
                              "steps": s.adaptive_steps, "attempted": len(index), "tries": k,
-                             **_rate("bypass_rate", passed[0], s.bootstrap, ctx.seed),
-                             **_rate("bypass_rate_tries", passed.any(0), s.bootstrap, ctx.seed)})
+                             **share("bypass_rate", passed[0], s.bootstrap, ctx.seed),
+                             **share("bypass_rate_tries", passed.any(0), s.bootstrap, ctx.seed)})
     notes = [
         f"Randomised Cushion: {cushion.describe()}; thresholds re-calibrated under its draws at the bundle's "
         f"{rate:.0%} clean rejection on {len(val.labels)} validation images: {calibration.thresholds} (the fixed "
@@ -84,8 +83,8 @@ def randomised_cushion_study(ctx: Context, cushion: RandomisedJpegCushion, tries
         f"bypass = reached the target and accepted; '1 request' judges each attacked image under one fresh draw, "
         f"'any of k' under {tries} (the attacker resubmits). The fixed Cushion is deterministic: k = 1.",
         "wb_eot_cushion: WB with gradients averaged over draws of the Cushion's own distribution; against the fixed "
-        "Cushion it would be wb_diffjpeg (nothing to average), so it runs on the randomised one only. Ship the randomised Cushion only if its EOT row is "
-        "lower than the fixed Cushion's at every budget.",
+        "Cushion it would be wb_diffjpeg (nothing to average), so it runs on the randomised one only. Ship the "
+        "randomised Cushion only if its EOT row is lower than the fixed Cushion's at every budget.",
     ]
     result = ctx.result("randomised", f"Randomised Cushion study: {ctx.manifest.name} {ctx.manifest.version}",
                         rows, notes, [])
@@ -93,15 +92,3 @@ def randomised_cushion_study(ctx: Context, cushion: RandomisedJpegCushion, tries
     result["randomised_thresholds"] = calibration.thresholds
     return result
 
-
-def _bypassed(ctx: Context, attacked, cushion: CushionBase, thresholds: np.ndarray) -> np.ndarray:
-    reached, scores = judge(ctx.net, attacked, cushion, thresholds)
-    return reached & (scores <= 0)
-
-
-def _rate(key: str, hit: np.ndarray, n_resamples: int, seed: int) -> dict:
-    hit = hit.astype(float)
-    if not len(hit):
-        return {key: float("nan"), f"{key}_ci95": [float("nan"), float("nan")]}
-    return {key: float(hit.mean()),
-            f"{key}_ci95": list(bootstrap_ci(np.mean, hit, n_resamples=max(n_resamples, 100), seed=seed))}

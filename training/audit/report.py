@@ -17,13 +17,12 @@ from training.attacks.library import long_name
 from training.audit.attacks import Attack, describe, make_attack
 from training.audit.ceiling import ceiling_markdown, robust_accuracy
 from training.audit.checks import Trial
-from training.audit.harness import attack_set, correct_subset, judge, shield_row
+from training.audit.harness import attack_set, bypassed, correct_subset, judge, share, shield_row
 from training.audit.outputs import render_result
 from training.audit.tables import Context
 from training.evaluate import attack_suite, clean_metrics
 from training.export import update_bundle
 from training.inference import predict
-from training.metrics import bootstrap_ci
 
 log = logging.getLogger("aegis.audit")
 REPORT_KEYS = {"security_report": "security_report.json", "security_report_md": "security_report.md"}
@@ -76,11 +75,11 @@ def security_report(ctx: Context, attacks: list[str] | None = None) -> dict:
     for _, name, attack in runs:
         log.info("security report: %s on %d images", name, len(index))
         attacked = attack_set(ctx.net, attack, x, y, index, cushion, s.batch, ctx.seed)
-        row, curve = shield_row(ctx.net, x, y, attacked, cushion, thresholds, s.bootstrap, ctx.seed, True)
+        judged = judge(ctx.net, attacked, cushion, thresholds)
+        row, curve = shield_row(ctx.net, x, y, attacked, cushion, thresholds, s.bootstrap, ctx.seed, True, judged)
         cfg = attack.spec
         if cfg.eps in s.report_budgets:
-            reached, scores = judge(ctx.net, attacked, cushion, thresholds)
-            outcomes.append((cfg.eps, reached & (scores <= 0)))
+            outcomes.append((cfg.eps, bypassed(judged)))
         rows.append({"attack": name, "description": cfg.description, "eps": cfg.eps, "eps_256": cfg.eps * 256,
                      "steps": cfg.steps, "status": "ok", "in_threat_model": cfg.eps in s.report_budgets, **row})
         if cfg.eps == 16 / 256:
@@ -135,11 +134,9 @@ def any_attack(outcomes: list[tuple[float, np.ndarray]], n_resamples: int, seed:
     (eps, bypassed per image) for every run, all on the same images. At least the highest single row."""
     rows = []
     for eps in sorted({e for e, _ in outcomes}):
-        hit = np.logical_or.reduce([b for e, b in outcomes if e <= eps]).astype(float)
+        hit = np.logical_or.reduce([b for e, b in outcomes if e <= eps])
         if len(hit):
-            rows.append({"eps_256": eps * 256, "bypass_rate": float(hit.mean()), "attempted": len(hit),
-                         "bypass_rate_ci95": list(bootstrap_ci(np.mean, hit, n_resamples=max(n_resamples, 100),
-                                                               seed=seed))})
+            rows.append({"eps_256": eps * 256, "attempted": len(hit), **share("bypass_rate", hit, n_resamples, seed)})
     return rows
 
 

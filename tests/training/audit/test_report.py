@@ -133,8 +133,8 @@ def test_the_randomised_cushion_study_recalibrates_and_judges_both_cushions_on_t
     study = json.loads((tmp_path / "randomised.json").read_text())
     rows = study["rows"]
     assert {(r["cushion"], r["attack"], r["eps_256"]) for r in rows} == {
-        (c, a, e) for c, a in (("fixed", "wb_diffjpeg"), ("randomised", "wb_diffjpeg"), ("randomised", "wb_eot_cushion"))
-        for e in (8, 16)}
+        (c, a, e) for e in (8, 16)
+        for c, a in (("fixed", "wb_diffjpeg"), ("randomised", "wb_diffjpeg"), ("randomised", "wb_eot_cushion"))}
     assert len({r["attempted"] for r in rows}) == 1
     for row in rows:
         assert 0 <= row["bypass_rate"] <= row["bypass_rate_tries"] <= 1  # more requests never pass less
