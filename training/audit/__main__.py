@@ -9,6 +9,7 @@
     python -m training.audit report --bundle runs/x/bundle --attacks wb_n1,apgd_wb --out runs/x/screen  # a screen
     python -m training.audit ceiling --bundle models/default --set adaptive_steps=100   # robust accuracy, APGD-CE
     python -m training.audit randomised --bundle runs/x/bundle --out results/kermany/randomised  # randomised Cushion
+    python -m training.audit second-opinion --bundle models/default --referee runs/x/bundle --attacks wb_n1 --out DIR
 
 `--dataset` defaults to the bundle's training dataset; `--data-dir` to $AEGIS_DATA_DIR or ../shared/data/<dataset>.
 Tables write `<out>/<table>.json`, `.md` and `_roc.png`; `report` writes into the bundle and re-hashes its manifest;
@@ -36,6 +37,7 @@ from training.audit.outputs import write_result
 from training.audit.randomised import STUDY_ATTACKS, STUDY_COLUMNS, randomised_cushion_study
 from training.audit.report import REPORT_COLUMNS, security_report, summary_line, write_into_bundle
 from training.audit.scales import get_scale
+from training.audit.second_opinion import second_opinion_study
 from training.runs import load_trained_classifier
 
 TABLES = ("table1", "table2", "table3", "table4", "table5")
@@ -44,7 +46,8 @@ TABLES = ("table1", "table2", "table3", "table4", "table5")
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.audit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=(*TABLES, "report", "ceiling", "randomised"))
+    parser.add_argument("command", choices=(*TABLES, "report", "ceiling", "randomised",
+                                                                 "second-opinion"))
     parser.add_argument("--bundle", type=Path, default=None, help="bundle folder (default: the embedded one)")
     parser.add_argument("--dataset", choices=("kermany", "aptos"), help="default: the bundle's dataset")
     parser.add_argument("--data-dir", type=Path, help="dataset folder")
@@ -64,6 +67,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                              " a classifier robust on the images it learnt from but not on new ones)")
     parser.add_argument("--randomised-cushion", default="jpeg_random", metavar="SPEC", help="randomised only: "
                         "quality_spread=10,max_shift=2 (RandomisedJpegCushion fields; quality from the bundle)")
+    parser.add_argument("--referee", type=Path, help="second-opinion only: a bundle whose classifier must be confident "
+                        "in the bundle's diagnosis (e.g. a TRADES classifier's margin bundle)")
     parser.add_argument("--tries", type=int, default=5, help="randomised only: requests an attacker may resubmit")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
@@ -108,6 +113,16 @@ def main(argv: list[str] | None = None) -> int:
         result = randomised_cushion_study(ctx, cushion, args.tries, tuple(attacks) if attacks else STUDY_ATTACKS)
         for path in write_result(result, args.out or Path("results") / "randomised", "randomised", STUDY_COLUMNS):
             print(path)
+        return 0
+    if args.command == "second-opinion":
+        if args.referee is None or attacks is None:
+            raise SystemExit("second-opinion needs --referee BUNDLE and --attacks (a screen of the pair)")
+        referee = load_bundle(args.referee)
+        result = second_opinion_study(ctx, load_aegis(referee), referee.manifest, attacks)
+        for path in write_result(result, args.out or Path("results") / "second-opinion", "second_opinion",
+                                 REPORT_COLUMNS, ctx.curves or None):
+            print(path)
+        print(summary_line(result))
         return 0
     if args.command == "report":
         result = security_report(ctx, attacks)

@@ -143,3 +143,38 @@ def test_the_randomised_cushion_study_recalibrates_and_judges_both_cushions_on_t
             assert row["bypass_rate"] == row["bypass_rate_tries"]
     assert set(study["clean"]) == {"fixed", "randomised"} and "quality_spread=5" in study["notes"][0]
     assert set(study["randomised_thresholds"]) == set(study["bundle"]["thresholds"])
+
+
+def test_a_second_opinion_accepts_only_what_both_the_shield_and_the_referee_accept(tiny_bundle_dir):
+    from models.networks import MarginShields, load_aegis
+    from training.audit.second_opinion import SecondOpinion
+
+    net = load_aegis(load_bundle(tiny_bundle_dir))
+    referee = load_aegis(load_bundle(tiny_bundle_dir))
+    with torch.no_grad():  # a referee that differs from the primary's classifier
+        for p in referee.classifier.head.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    t, r = torch.tensor([0.5, -0.5]), torch.tensor([-1.0, 2.0])
+    pair = SecondOpinion(net, referee, t.numpy(), r.numpy()).eval()
+    x = torch.rand(16, 1, 64, 64)
+    with torch.no_grad():
+        logits, shields = pair(x)
+        own_logits, own_shields = net(x)
+        confidence = MarginShields()(referee.classifier(x))
+    assert torch.equal(logits, own_logits)  # the bundle diagnoses
+    accepted = shields >= 0
+    assert torch.equal(accepted, (own_shields >= t) & (confidence >= r))  # and both must accept
+    assert 0 < accepted.float().mean() < 1  # the rule is exercised both ways on these images
+
+
+def test_the_second_opinion_study_screens_the_pair_and_keeps_the_bundle_diagnosis(tiny_bundle_dir, kermany_dir,
+                                                                                  tmp_path):
+    assert main(["second-opinion", "--bundle", str(tiny_bundle_dir), "--referee", str(tiny_bundle_dir),
+                 "--scale", "tiny", "--data-dir", str(kermany_dir), "--set", "eval_images=4", "--set", "bootstrap=20",
+                 "--set", "adaptive_steps=2", "--attacks", "wb_n1", "--out", str(tmp_path)]) == 0
+    study = json.loads((tmp_path / "second_opinion.json").read_text())
+    assert {(row["attack"], row["eps_256"]) for row in study["rows"]} == {("wb_n12@8", 8.0), ("wb_n12", 16.0)}
+    clean = study["clean"]
+    assert clean["pair"]["accuracy_cushion"] == clean["bundle"]["accuracy_cushion"]
+    assert clean["pair"]["clean_rejection_rate"] >= 0 and set(study["pair_thresholds"]) == set(study["referee"]["thresholds"])
+    assert "Second opinion" in study["notes"][0] and study["ceiling"]
