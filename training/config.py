@@ -36,6 +36,9 @@ class TrainConfig:
     val_fraction: float = 0.15
     limit_per_split: int | None = None  # tiny runs: at most this many images per split
     seed: int = 0
+    # the validation split's seed (None: `seed`): seeds of one recipe that share it are compared, and one of them
+    # picked, on the same validation images
+    split_seed: int | None = None
     # classifier (paper: ImageNet-pretrained ResNet-50 / VGG-16; CPU preset: ResNet-18 from scratch)
     backbone: str = "resnet18"
     taps: tuple[int, ...] | None = None  # None: the backbone's default taps (models.networks.BACKBONES)
@@ -123,6 +126,11 @@ class TrainConfig:
             raise ValueError(f"clf_ema is a decay per step in [0, 1), got {self.clf_ema}")
         if not 0 < self.eps_start <= self.eps_end:
             raise ValueError(f"need 0 < eps_start <= eps_end, got {self.eps_start}, {self.eps_end}")
+
+    @property
+    def data_seed(self) -> int:
+        """The seed of the validation split and of `limit_per_split`'s subsets."""
+        return self.seed if self.split_seed is None else self.split_seed
 
     @property
     def resolved_data_dir(self) -> Path:

@@ -160,18 +160,20 @@ def load_data(cfg: TrainConfig, names: tuple[str, ...] = ("train", "val", "test"
     """The train / patient-disjoint val / test splits of a training config (only `names` loaded), and what the
     bundle says of them."""
     spec = InputSpec(channels=cfg.channels, height=cfg.image_size, width=cfg.image_size)
-    records = split_validation(load_records(cfg.dataset, cfg.resolved_data_dir), cfg.val_fraction, cfg.seed)
+    records = split_validation(load_records(cfg.dataset, cfg.resolved_data_dir), cfg.val_fraction,
+                               cfg.data_seed)
     splits, counts = {}, {}
     for name in names:
         chosen = [r for r in records if r.split == name]
         if cfg.limit_per_split:
-            rng = np.random.default_rng(cfg.seed)
+            rng = np.random.default_rng(cfg.data_seed)
             chosen = [chosen[i] for i in sorted(rng.permutation(len(chosen))[:cfg.limit_per_split])]
         splits[name] = load_split(chosen, spec)
         counts[name] = {c: int((splits[name].labels == k).sum()) for k, c in enumerate(CLASSES[cfg.dataset])}
     used = [r for r in records if r.split in ("train", "val", "test")]
     info = {"dataset": cfg.dataset, "path": str(cfg.resolved_data_dir), "fingerprint": fingerprint(used),
-            "counts": counts, "validation": f"patient/cluster-disjoint {cfg.val_fraction:.0%} of train, seed {cfg.seed}"}
+            "counts": counts,
+            "validation": f"patient/cluster-disjoint {cfg.val_fraction:.0%} of train, seed {cfg.data_seed}"}
     return splits, info
 
 

@@ -35,6 +35,19 @@ def test_split_is_deterministic(kermany_dir):
     assert a == b
 
 
+def test_seeds_of_one_recipe_share_the_validation_split_when_they_share_its_seed(kermany_dir):
+    from training.config import load_config
+    from training.data import load_data
+
+    def val_fingerprint(**overrides):
+        cfg = load_config(None, {"data_dir": str(kermany_dir), **overrides})
+        splits, info = load_data(cfg, names=("val",))
+        return info["counts"]["val"], splits["val"].images.sum(dtype="int64")
+
+    assert val_fingerprint(seed=1, split_seed=0) == val_fingerprint(seed=0)  # another init, the same images
+    assert val_fingerprint(seed=1) != val_fingerprint(seed=0)  # by default a seed draws its own split
+
+
 def _write(path, value=128, size=(40, 30), mode="L"):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new(mode, size, value).save(path)
