@@ -44,8 +44,9 @@ class SecondOpinion(nn.Module):
 
     @property
     def classifier(self) -> nn.Module:
-        """The referee's classifier: the robustness under the pair is the referee's (the audit's ceiling)."""
-        return self.referee.classifier
+        """The classifier that diagnoses: what Shield-blind attacks target and the report's ceiling measures (the
+        referee's ceiling is in its own bundle's screen)."""
+        return self.primary.classifier
 
     def referee_confidence(self, x: Tensor) -> Tensor:
         return self.margin(self.referee.classifier(x))
@@ -89,5 +90,5 @@ def second_opinion_study(ctx: Context, referee: AegisNet, referee_manifest, atta
         f"Second opinion: the bundle diagnoses; class c is accepted iff min(Shield_c - t_c, referee log-odds of c - "
         f"r_c) clears the pair's threshold, calibrated at {rate:.0%} clean rejection on {len(val.labels)} validation "
         f"images (bundle t = {m.thresholds}; referee r = {result['referee']['thresholds']}; pair = "
-        f"{calibration.thresholds}). The attacks see the whole pair; the ceiling is the referee's classifier."))
+        f"{calibration.thresholds}). Attacks that see the Shield see the whole pair; Shield-blind ones (pgd) the bundle's classifier, whose ceiling this is."))
     return result

@@ -165,6 +165,11 @@ def test_a_second_opinion_accepts_only_what_both_the_shield_and_the_referee_acce
     accepted = shields >= 0
     assert torch.equal(accepted, (own_shields >= t) & (confidence >= r))  # and both must accept
     assert 0 < accepted.float().mean() < 1  # the rule is exercised both ways on these images
+    # a Shield-blind attack on the pair is an attack on the classifier that diagnoses, not on the referee
+    from training.audit.attacks import make_attack, run_attack
+
+    pgd, targets = make_attack("pgd", eps=8 / 256, steps=2), 1 - logits.argmax(1)
+    assert torch.equal(run_attack(pair, pgd, x, targets, None, seed=3), run_attack(net, pgd, x, targets, None, seed=3))
 
 
 def test_the_second_opinion_study_screens_the_pair_and_keeps_the_bundle_diagnosis(tiny_bundle_dir, kermany_dir,
