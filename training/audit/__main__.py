@@ -46,8 +46,7 @@ TABLES = ("table1", "table2", "table3", "table4", "table5")
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.audit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=(*TABLES, "report", "ceiling", "randomised",
-                                                                 "second-opinion"))
+    parser.add_argument("command", choices=(*TABLES, "report", "ceiling", "randomised", "second-opinion"))
     parser.add_argument("--bundle", type=Path, default=None, help="bundle folder (default: the embedded one)")
     parser.add_argument("--dataset", choices=("kermany", "aptos"), help="default: the bundle's dataset")
     parser.add_argument("--data-dir", type=Path, help="dataset folder")

@@ -62,6 +62,10 @@ def second_opinion_study(ctx: Context, referee: AegisNet, referee_manifest, atta
     m = ctx.manifest
     if (referee_manifest.input, referee_manifest.cushion, referee_manifest.classes) != (m.input, m.cushion, m.classes):
         raise SystemExit("the referee must take the same input, Cushion and classes as the bundle")
+    if referee_manifest.data.get("validation") != m.data.get("validation"):  # it may have trained on these images
+        log.warning("the referee was trained with another validation split (%s; the bundle's: %s): its thresholds "
+                    "are calibrated on images it may have learnt from", referee_manifest.data.get("validation"),
+                    m.data.get("validation"))
     rate, classes = m.calibration.clean_rejection_rate, m.classes
     val = validation_split(ctx)
     x_val = val.tensor()
