@@ -154,13 +154,14 @@ def test_a_second_opinion_accepts_only_what_both_the_shield_and_the_referee_acce
     with torch.no_grad():  # a referee that differs from the primary's classifier
         for p in referee.classifier.head.parameters():
             p.add_(0.3 * torch.randn_like(p))
-    t, r = torch.tensor([0.5, -0.5]), torch.tensor([-1.0, 2.0])
-    pair = SecondOpinion(net, referee, t.numpy(), r.numpy()).eval()
-    x = torch.rand(16, 1, 64, 64)
+    x = torch.rand(16, 1, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        logits, shields = pair(x)
         own_logits, own_shields = net(x)
         confidence = MarginShields()(referee.classifier(x))
+        # thresholds at each detector's lower quartile: each rejects a quarter, so the pair rejects some, never all
+        t, r = own_shields.quantile(0.25, dim=0), confidence.quantile(0.25, dim=0)
+        pair = SecondOpinion(net, referee, t.numpy(), r.numpy()).eval()
+        logits, shields = pair(x)
     assert torch.equal(logits, own_logits)  # the bundle diagnoses
     accepted = shields >= 0
     assert torch.equal(accepted, (own_shields >= t) & (confidence >= r))  # and both must accept
