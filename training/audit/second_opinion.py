@@ -25,9 +25,8 @@ from models.networks import AegisNet, MarginShields
 from training.audit.randomised import validation_split
 from training.audit.report import security_report
 from training.audit.tables import Context
-from training.evaluate import calibrate, clean_metrics
+from training.evaluate import calibrate, calibrate_logits, clean_metrics
 from training.inference import predict
-from training.metrics import routed_clean_logits, shield_threshold
 
 log = logging.getLogger("aegis.audit")
 
@@ -71,8 +70,8 @@ def second_opinion_study(ctx: Context, referee: AegisNet, referee_manifest, atta
     x_val = val.tensor()
     logits, _ = predict(referee.classifier, x_val, m.cushion)
     confidence = MarginShields()(torch.from_numpy(logits)).numpy()
-    routed = routed_clean_logits(logits, confidence, val.labels, classes)
-    referee_thresholds = threshold_array({k: shield_threshold(v, rate) for k, v in routed.items()}, classes)
+    referee_thresholds = threshold_array(calibrate_logits(logits, confidence, val.labels, classes, rate).thresholds,
+                                         classes)
     pair = SecondOpinion(ctx.net, referee, ctx.thresholds, referee_thresholds).eval()
     calibration = calibrate(pair, x_val, val.labels, m.cushion, classes, rate)
     log.info("second opinion: referee thresholds %s, pair thresholds %s at %.0f%% clean rejection on %d validation "
