@@ -7,6 +7,7 @@
     python -m training.audit table5 --bundle models/default --out results/table5
     python -m training.audit report --bundle runs/x/bundle --scale cpu [--substitute runs/vgg16]
     python -m training.audit report --bundle runs/x/bundle --attacks wb_n1,apgd_wb --out runs/x/screen  # a screen
+    python -m training.audit report --bundle models/default --scale release --attack-cache runs/cache  # resumable
     python -m training.audit ceiling --bundle models/default --set adaptive_steps=100   # robust accuracy, APGD-CE
     python -m training.audit randomised --bundle runs/x/bundle --out results/kermany/randomised  # randomised Cushion
     python -m training.audit second-opinion --bundle models/default --referee runs/x/bundle --attacks wb_n1 --out DIR
@@ -58,6 +59,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--substitute", type=Path, help="run folder of a classifier trained on the same data, the "
                         "transfer attack's source (e.g. --set backbone=vgg16 --set clf_lr=0.0002 --set shield_epochs=0 --skip-eval: "
                         "VGG-16 has no batch norm and does not learn at the ResNet learning rate)")
+    parser.add_argument("--attack-cache", type=Path, metavar="DIR",
+                        help="report / second-opinion: keep each finished attack's images in DIR and reuse them, so "
+                             "that an interrupted report (hours at --scale release on CPU) resumes where it stopped")
     parser.add_argument("--ceiling-cushion", default=None, metavar="SPEC",
                         help="ceiling only: measure Cushion SPEC + classifier instead of the bundle's Cushion (e.g. "
                              "`none`: the classifier alone, to see what the Cushion adds to or takes from robustness)")
@@ -87,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     train_images = scale.reference_images + 2 * scale.fit_images + scale.shield_images
     data = load_audit_data(dataset, args.data_dir, m.input, train_images, scale.clean_images, args.seed)
     ctx = tables.Context(load_aegis(bundle), m, data, scale, args.seed,
-                         shlex.join(["python", "-m", "training.audit", *argv]))
+                         shlex.join(["python", "-m", "training.audit", *argv]), attack_cache=args.attack_cache)
     if args.substitute is not None:
         ctx.substitute = load_trained_classifier(args.substitute)
     if args.command == "ceiling":

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +77,47 @@ def attack_set(net, attack: Attack, x: Tensor, labels: np.ndarray, index: np.nda
     if attack.spec.norm == "linf" and linf > attack.spec.eps + 1e-6:  # never report a broken budget
         raise AssertionError(f"{attack.spec.name}: L∞ {linf} exceeds eps {attack.spec.eps}")
     return AttackedSet(index, targets.numpy(), x_adv, linf)
+
+
+class AttackCache:
+    """Finished attacked sets kept in a folder, so that a long audit resumes where it stopped (the release-scale report
+    runs for hours on two cores) and subsets of its attacks can run in separate processes. An entry is reused only for
+    the same networks (weights and buffers), thresholds, Cushion, images, attack (row name, description, budget, steps),
+    batch and seed: anything else is attacked afresh."""
+
+    def __init__(self, root: str | Path, *modules: torch.nn.Module | None, thresholds: np.ndarray):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256(np.asarray(thresholds, dtype=np.float64).tobytes())
+        for module in modules:
+            for key, value in ({} if module is None else module.state_dict()).items():
+                digest.update(key.encode())
+                digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+        self.fingerprint = digest.hexdigest()
+
+    def attack_set(self, name: str, net, attack: Attack, x: Tensor, labels: np.ndarray, index: np.ndarray,
+                   cushion: CushionBase, batch: int, seed: int) -> AttackedSet:
+        spec = attack.spec
+        key = hashlib.sha256(repr((self.fingerprint, name, spec.description, spec.eps, spec.steps, spec.norm,
+                                   attack.sees_shield, repr(cushion), batch, seed)).encode())
+        key.update(x[index].contiguous().numpy().tobytes())
+        key.update(np.asarray(labels)[index].tobytes())
+        path = self.root / f"{name}-{key.hexdigest()[:20]}.pt"
+        if path.exists():
+            saved = torch.load(path)
+            log.info("%s: attacked images reused from %s", name, path)
+            x_adv = saved["x_adv"]
+            return AttackedSet(saved["index"].numpy(), saved["targets"].numpy(),
+                               x_adv.float() / 255 if x_adv.dtype == torch.uint8 else x_adv, saved["max_linf"])
+        attacked = attack_set(net, attack, x, labels, index, cushion, batch, seed)
+        levels = torch.round(attacked.x_adv * 255)
+        exact = torch.equal(levels / 255, attacked.x_adv)  # uint8 levels (every engine attack): a quarter the size
+        partial = path.with_suffix(".partial")
+        torch.save({"index": torch.from_numpy(attacked.index), "targets": torch.from_numpy(attacked.targets),
+                    "x_adv": levels.to(torch.uint8) if exact else attacked.x_adv, "max_linf": attacked.max_linf},
+                   partial)
+        os.replace(partial, path)  # a row interrupted while saving is attacked again, never half-read
+        return attacked
 
 
 def judge(net, attacked: AttackedSet, cushion: CushionBase, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

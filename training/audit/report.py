@@ -17,7 +17,7 @@ from training.attacks.library import long_name
 from training.audit.attacks import Attack, describe, make_attack
 from training.audit.ceiling import ceiling_markdown, robust_accuracy
 from training.audit.checks import Trial
-from training.audit.harness import attack_set, bypassed, correct_subset, judge, share, shield_row
+from training.audit.harness import AttackCache, attack_set, bypassed, correct_subset, judge, share, shield_row
 from training.audit.outputs import render_result
 from training.audit.tables import Context
 from training.evaluate import attack_suite, clean_metrics
@@ -71,10 +71,15 @@ def security_report(ctx: Context, attacks: list[str] | None = None) -> dict:
             raise ValueError(f"unknown report attacks {sorted(unknown)}; choose from "
                              f"{sorted({base for base, _, _ in runs})}")
         runs = [run for run in runs if run[0] in attacks]
+    cache = (None if ctx.attack_cache is None else
+             AttackCache(ctx.attack_cache, ctx.net, ctx.substitute, thresholds=thresholds))
     rows, trials, outcomes = [], [], []
     for _, name, attack in runs:
         log.info("security report: %s on %d images", name, len(index))
-        attacked = attack_set(ctx.net, attack, x, y, index, cushion, s.batch, ctx.seed)
+        if cache is None:
+            attacked = attack_set(ctx.net, attack, x, y, index, cushion, s.batch, ctx.seed)
+        else:
+            attacked = cache.attack_set(name, ctx.net, attack, x, y, index, cushion, s.batch, ctx.seed)
         judged = judge(ctx.net, attacked, cushion, thresholds)
         row, curve = shield_row(ctx.net, x, y, attacked, cushion, thresholds, s.bootstrap, ctx.seed, True, judged)
         cfg = attack.spec

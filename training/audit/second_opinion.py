@@ -77,7 +77,7 @@ def second_opinion_study(ctx: Context, referee: AegisNet, referee_manifest, atta
     log.info("second opinion: referee thresholds %s, pair thresholds %s at %.0f%% clean rejection on %d validation "
              "images", referee_thresholds, calibration.thresholds, 100 * rate, len(val.labels))
     pair_ctx = Context(pair, m.model_copy(update={"thresholds": calibration.thresholds}), ctx.data, ctx.scale,
-                       ctx.seed, ctx.command, substitute=ctx.substitute)
+                       ctx.seed, ctx.command, substitute=ctx.substitute, attack_cache=ctx.attack_cache)
     result = security_report(pair_ctx, attacks)
     ctx.curves.update(pair_ctx.curves)
     result["title"] = f"Second opinion: {m.name} {m.version} + referee {referee_manifest.version}"

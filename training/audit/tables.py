@@ -47,6 +47,7 @@ class Context:
     command: str = ""
     curves: dict = field(default_factory=dict)
     substitute: torch.nn.Module | None = None  # the transfer attack's undefended source model
+    attack_cache: Path | None = None  # the security report's attacked sets are kept there (`--attack-cache`)
 
     @property
     def cushion(self) -> CushionBase:

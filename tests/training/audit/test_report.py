@@ -83,6 +83,34 @@ def test_a_screen_runs_the_chosen_attacks_at_every_budget_and_leaves_the_bundle_
               "--attacks", "wb100", "--out", str(tmp_path)])
 
 
+def test_an_interrupted_report_resumes_from_its_attack_cache_with_the_same_figures(tiny_bundle_dir, kermany_dir,
+                                                                                   tmp_path, monkeypatch):
+    from training.audit import harness
+
+    calls = []
+    run_attack = harness.run_attack
+    monkeypatch.setattr(harness, "run_attack", lambda *a, **k: calls.append(a[1].spec.name) or run_attack(*a, **k))
+    cache = tmp_path / "cache"
+
+    def screen(out: str, *extra: str) -> dict:
+        assert main(["report", "--bundle", str(tiny_bundle_dir), "--scale", "tiny", "--data-dir", str(kermany_dir),
+                     "--set", "eval_images=4", "--set", "bootstrap=20", "--attacks", "pgd,wb_n1",
+                     "--attack-cache", str(cache), "--out", str(tmp_path / out), *extra]) == 0
+        return json.loads((tmp_path / out / "screen.json").read_text())
+
+    first = screen("first")
+    assert len(calls) == 4 and len(list(cache.glob("*.pt"))) == 4  # two attacks at two budgets, each kept
+    next(cache.glob("wb_n14@8-*.pt")).unlink()  # as if the run had stopped before its last row
+    calls.clear()
+    again = screen("again")
+    assert calls == ["wb_n1"]  # only the missing row (the library's spec name) is attacked again
+    assert again["rows"] == first["rows"]
+    assert again["any_attack"] == first["any_attack"]
+    calls.clear()
+    screen("other-seed", "--seed", "1")  # other images and targets: nothing is reused
+    assert len(calls) == 4
+
+
 def test_attacks_that_lack_their_inputs_are_unavailable_not_substituted():
     with pytest.raises(AttackUnavailable, match="guide_pool"):
         make_attack("hfc", eps=16 / 256, steps=10, thresholds=torch.zeros(2))
