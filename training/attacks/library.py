@@ -182,6 +182,14 @@ def _wb_n1(eps, steps, thresholds, restarts=1):
                         RejectClassObjective(thresholds=_need_thresholds(thresholds)), _wb_config(eps, steps, restarts))
 
 
+def _wb_n1_ti(eps, steps, thresholds, restarts=1, kernel=7):
+    # The (N+1)-class objective with TI-FGSM's smoothed gradient: a low-frequency perturbation that sees the Shield.
+    return _engine_spec("wb_n1_ti", f"as wb_n1, gradient smoothed by a {kernel}x{kernel} Gaussian (TI, Dong et al. "
+                        f"2019): {steps} steps of eps/8, random start, BPDA identity",
+                        RejectClassObjective(thresholds=_need_thresholds(thresholds)),
+                        _wb_config(eps, steps, restarts, gradient_filter=GaussianSmoothing(size=kernel)))
+
+
 def _wbd(eps, steps, thresholds, kappa=10.0, restarts=1):
     return _engine_spec("wbd", f"WB_d: as WB, step x0.1 at step {steps // 2}", _white_box(thresholds, kappa),
                         _wb_config(eps, steps, restarts, decay_steps=(steps // 2,)))
@@ -321,6 +329,7 @@ ATTACKS: dict[str, _Entry] = {
     "transfer_vgg16": _Entry(_transfer, LINF_EPS, 20, "MI-DI-TI-FGSM on a substitute (pass substitute=)"),
     "wb": _Entry(_wb, LINF_EPS, 100, "white-box -S^t + J_cw, BPDA identity (paper)"),
     "wb_n1": _Entry(_wb_n1, LINF_EPS, 100, "white-box CE on the (N+1)-class wrapper (Carlini & Wagner 2017)"),
+    "wb_n1_ti": _Entry(_wb_n1_ti, LINF_EPS, 100, "wb_n1 with a translation-invariant (smoothed) gradient"),
     "wbd": _Entry(_wbd, LINF_EPS, 100, "WB with step decay at 50 (paper)"),
     "spgd": _Entry(_two_objective("selective"), LINF_EPS, 100, "selective PGD (Bryniarski et al. 2022)"),
     "opgd": _Entry(_two_objective("orthogonal"), LINF_EPS, 100, "orthogonal PGD (Bryniarski et al. 2022)"),

@@ -25,7 +25,7 @@ def test_security_report_lands_in_the_bundle_and_hashes_stay_valid(tiny_run, tin
     assert report["scale"]["name"] == "tiny" and isinstance(report["sanity_flags"], list)
     names = {row["attack"] for row in report["rows"]}
     assert {"pgd20", "wb4", "wbd4", "spgd4"} <= names  # the acceptance suite at this scale
-    assert {"wb_n14", "wb_diffjpeg4", "wb_eot4"} <= names  # and the attacks beyond the paper
+    assert {"wb_n14", "wb_n1_ti4", "wb_diffjpeg4", "wb_eot4", "tim3"} <= names  # and the attacks beyond the paper
     assert {"pgd20@8", "wb4@8", "wb_n14@8", "wb_eot4@8"} <= names  # every attack at every report budget
     transfer = [row for row in report["rows"] if row["attack"].startswith("tf")]  # --substitute: the transfer too
     assert sorted(row["eps"] for row in transfer) == [8 / 256, 16 / 256]
