@@ -2,7 +2,8 @@
 
 `paper` follows the paper's protocol (§4.1: adaptive attacks 100 steps, the whole test split) and needs a GPU;
 `cpu` gives the same tables in minutes on 2 cores (indicative only, wide confidence intervals); `release` is what a
-shipped bundle's security report is measured with (128 images, 100 steps, ~1 hour on 2 cores); `tiny` is for tests.
+shipped bundle's security report is measured with (128 images, 100 steps, ~5 core-hours: `--attack-cache` makes it
+resumable); `tiny` is for tests.
 """
 
 from __future__ import annotations
