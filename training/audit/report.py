@@ -48,7 +48,8 @@ def security_report(ctx: Context, attacks: list[str] | None = None) -> dict:
     # At every report budget (an attacker picks the budget): the acceptance suite (training.evaluate), then attacks
     # stronger than the paper (`attacks-reference.md` §3.8): other directions, APGD, the (N+1)-class objective (the
     # one `attack_objective=n1` Shields are trained against, also with a smoothed gradient), a differentiable-JPEG
-    # backward pass, EOT, TI-FGSM; with `--substitute`, the transfer attack. Keys carry `@eps` below the paper's 16/256. Each run: (attack, key, attack).
+    # backward pass, EOT, TI-FGSM; with `--substitute`, the transfer attack. Keys carry `@eps` below the paper's
+    # 16/256. Each run: (attack, key, attack).
     runs: list[tuple[str, str, Attack]] = []
     for eps in s.report_budgets:
         at = "" if eps == 16 / 256 else f"@{eps * 256:g}"
@@ -82,10 +83,8 @@ def security_report(ctx: Context, attacks: list[str] | None = None) -> dict:
     rows, trials, outcomes = [], [], []
     for _, name, attack in runs:
         log.info("security report: %s on %d images", name, len(index))
-        if cache is None:
-            attacked = attack_set(ctx.net, attack, x, y, index, cushion, s.batch, ctx.seed)
-        else:
-            attacked = cache.attack_set(name, ctx.net, attack, x, y, index, cushion, s.batch, ctx.seed)
+        attacked = (attack_set(ctx.net, attack, x, y, index, cushion, s.batch, ctx.seed) if cache is None else
+                    cache.attack_set(name, ctx.net, attack, x, y, index, cushion, s.batch, ctx.seed))
         judged = judge(ctx.net, attacked, cushion, thresholds)
         row, curve = shield_row(ctx.net, x, y, attacked, cushion, thresholds, s.bootstrap, ctx.seed, True, judged)
         cfg = attack.spec

@@ -93,5 +93,6 @@ def second_opinion_study(ctx: Context, referee: AegisNet, referee_manifest, atta
         f"Second opinion: the bundle diagnoses; class c is accepted iff min(Shield_c - t_c, referee log-odds of c - "
         f"r_c) clears the pair's threshold, calibrated at {rate:.0%} clean rejection on {len(val.labels)} validation "
         f"images (bundle t = {m.thresholds}; referee r = {result['referee']['thresholds']}; pair = "
-        f"{calibration.thresholds}). Attacks that see the Shield see the whole pair; Shield-blind ones (pgd) the bundle's classifier, whose ceiling this is."))
+        f"{calibration.thresholds}). Attacks that see the Shield see the whole pair; Shield-blind ones (pgd) the "
+        "bundle's classifier, whose ceiling this is."))
     return result
