@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -80,29 +81,33 @@ def attack_set(net, attack: Attack, x: Tensor, labels: np.ndarray, index: np.nda
 
 
 class AttackCache:
-    """Finished attacked sets kept in a folder, so that a long audit resumes where it stopped (the release-scale report
-    runs for hours on two cores) and subsets of its attacks can run in separate processes. An entry is reused only for
-    the same networks (weights and buffers), thresholds, Cushion, images, attack (row name, description, budget, steps),
-    batch and seed: anything else is attacked afresh."""
+    """Finished attacked sets (and the ceiling) kept in a folder, so that a long audit resumes where it stopped (the
+    release-scale report runs for hours on two cores) and subsets of its attacks can run in separate processes. An
+    entry is reused only for the same network (weights and buffers), thresholds, Cushion, images, attack (row name,
+    description, budget, steps), batch and seed, and for a transfer attack the same substitute: anything else is
+    attacked afresh."""
 
-    def __init__(self, root: str | Path, *modules: torch.nn.Module | None, thresholds: np.ndarray):
+    def __init__(self, root: str | Path, net: torch.nn.Module, *, thresholds: np.ndarray,
+                 substitute: torch.nn.Module | None = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256(np.asarray(thresholds, dtype=np.float64).tobytes())
-        for module in modules:
-            for key, value in ({} if module is None else module.state_dict()).items():
-                digest.update(key.encode())
-                digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-        self.fingerprint = digest.hexdigest()
+        self.fingerprint = _weights_digest(net, np.asarray(thresholds, dtype=np.float64).tobytes())
+        # only the transfer rows depend on the substitute: the white-box rows are shared with runs without one
+        self.substitute_fingerprint = None if substitute is None else _weights_digest(substitute)
+
+    def _path(self, name: str, parts: tuple, *arrays: np.ndarray, suffix: str) -> Path:
+        key = hashlib.sha256(repr(parts).encode())
+        for array in arrays:
+            key.update(np.ascontiguousarray(array).tobytes())
+        return self.root / f"{name}-{key.hexdigest()[:20]}{suffix}"
 
     def attack_set(self, name: str, net, attack: Attack, x: Tensor, labels: np.ndarray, index: np.ndarray,
                    cushion: CushionBase, batch: int, seed: int) -> AttackedSet:
         spec = attack.spec
-        key = hashlib.sha256(repr((self.fingerprint, name, spec.description, spec.eps, spec.steps, spec.norm,
-                                   attack.sees_shield, repr(cushion), batch, seed)).encode())
-        key.update(x[index].contiguous().numpy().tobytes())
-        key.update(np.asarray(labels)[index].tobytes())
-        path = self.root / f"{name}-{key.hexdigest()[:20]}.pt"
+        source = self.substitute_fingerprint if attack.kind == "transfer" else None
+        path = self._path(name, (self.fingerprint, source, name, spec.description, spec.eps, spec.steps, spec.norm,
+                                 attack.sees_shield, repr(cushion), batch, seed),
+                          x[index].numpy(), np.asarray(labels)[index], suffix=".pt")
         if path.exists():
             saved = torch.load(path)
             log.info("%s: attacked images reused from %s", name, path)
@@ -112,12 +117,37 @@ class AttackCache:
         attacked = attack_set(net, attack, x, labels, index, cushion, batch, seed)
         levels = torch.round(attacked.x_adv * 255)
         exact = torch.equal(levels / 255, attacked.x_adv)  # uint8 levels (every engine attack): a quarter the size
-        partial = path.with_suffix(".partial")
-        torch.save({"index": torch.from_numpy(attacked.index), "targets": torch.from_numpy(attacked.targets),
-                    "x_adv": levels.to(torch.uint8) if exact else attacked.x_adv, "max_linf": attacked.max_linf},
-                   partial)
-        os.replace(partial, path)  # a row interrupted while saving is attacked again, never half-read
+        _save_atomically(path, lambda partial: torch.save(
+            {"index": torch.from_numpy(attacked.index), "targets": torch.from_numpy(attacked.targets),
+             "x_adv": levels.to(torch.uint8) if exact else attacked.x_adv, "max_linf": attacked.max_linf}, partial))
         return attacked
+
+    def ceiling(self, measure, x: Tensor, y: np.ndarray, cushion: CushionBase, *settings) -> dict:
+        """`measure(x, y, cushion, *settings)` (the robustness ceiling, a JSON-able dict), kept like an attacked set:
+        it costs as much as several report rows. Keyed on the network (the classifier is part of it), Cushion, clean
+        images and the settings."""
+        path = self._path("ceiling", (self.fingerprint, repr(cushion), settings), x.numpy(), np.asarray(y),
+                          suffix=".json")
+        if path.exists():
+            log.info("ceiling reused from %s", path)
+            return json.loads(path.read_text())
+        result = measure(x, y, cushion, *settings)
+        _save_atomically(path, lambda partial: partial.write_text(json.dumps(result)))
+        return result
+
+
+def _weights_digest(module: torch.nn.Module, *extra: bytes) -> str:
+    digest = hashlib.sha256(b"".join(extra))
+    for key, value in module.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _save_atomically(path: Path, write) -> None:
+    partial = path.with_suffix(".partial")
+    write(partial)
+    os.replace(partial, path)  # a run interrupted while saving computes the entry again, never half-reads it
 
 
 def judge(net, attacked: AttackedSet, cushion: CushionBase, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -8,6 +8,7 @@ Files: `security_report.json` (key `security_report`, served at GET /v1/model), 
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import numpy as np
 import torch
@@ -79,7 +80,7 @@ def security_report(ctx: Context, attacks: list[str] | None = None) -> dict:
                              f"{sorted({base for base, _, _ in runs})}")
         runs = [run for run in runs if run[0] in attacks]
     cache = (None if ctx.attack_cache is None else
-             AttackCache(ctx.attack_cache, ctx.net, ctx.substitute, thresholds=thresholds))
+             AttackCache(ctx.attack_cache, ctx.net, thresholds=thresholds, substitute=ctx.substitute))
     rows, trials, outcomes = [], [], []
     for _, name, attack in runs:
         log.info("security report: %s on %d images", name, len(index))
@@ -122,8 +123,10 @@ def security_report(ctx: Context, attacks: list[str] | None = None) -> dict:
     result["clean"] = clean_metrics(ctx.net, x, y, cushion, thresholds)
     result["max_bypass"] = max_bypass(rows)
     result["any_attack"] = any_attack(outcomes, s.bootstrap, ctx.seed)
-    result["ceiling"] = robust_accuracy(ctx.net.classifier, x, y, cushion, s.eval_images, s.adaptive_steps,
-                                        s.report_budgets, s.batch, ctx.seed, s.bootstrap)
+    ceiling = partial(robust_accuracy, ctx.net.classifier)
+    settings = (s.eval_images, s.adaptive_steps, s.report_budgets, s.batch, ctx.seed, s.bootstrap)
+    result["ceiling"] = (ceiling(x, y, cushion, *settings) if cache is None else
+                         cache.ceiling(ceiling, x, y, cushion, *settings))
     result["summary_md"] = f"**{summary_line(result)}**\n\n{ceiling_markdown(result['ceiling'])}"
     return result
 

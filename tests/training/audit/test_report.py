@@ -84,17 +84,19 @@ def test_a_screen_runs_the_chosen_attacks_at_every_budget_and_leaves_the_bundle_
 
 
 def test_an_interrupted_report_resumes_from_its_attack_cache_with_the_same_figures(tiny_bundle_dir, kermany_dir,
-                                                                                   tmp_path, monkeypatch):
-    from training.audit import harness
+                                                                                   tiny_run, tmp_path, monkeypatch):
+    from training.audit import harness, report
 
-    calls = []
+    calls, ceilings = [], []
     run_attack = harness.run_attack
     monkeypatch.setattr(harness, "run_attack", lambda *a, **k: calls.append(a[1].spec.name) or run_attack(*a, **k))
+    robust_accuracy = report.robust_accuracy
+    monkeypatch.setattr(report, "robust_accuracy", lambda *a, **k: ceilings.append(1) or robust_accuracy(*a, **k))
     cache = tmp_path / "cache"
 
-    def screen(out: str, *extra: str) -> dict:
+    def screen(out: str, *extra: str, attacks: str = "pgd,wb_n1") -> dict:
         assert main(["report", "--bundle", str(tiny_bundle_dir), "--scale", "tiny", "--data-dir", str(kermany_dir),
-                     "--set", "eval_images=4", "--set", "bootstrap=20", "--attacks", "pgd,wb_n1",
+                     "--set", "eval_images=4", "--set", "bootstrap=20", "--attacks", attacks,
                      "--attack-cache", str(cache), "--out", str(tmp_path / out), *extra]) == 0
         return json.loads((tmp_path / out / "screen.json").read_text())
 
@@ -104,11 +106,15 @@ def test_an_interrupted_report_resumes_from_its_attack_cache_with_the_same_figur
     calls.clear()
     again = screen("again")
     assert calls == ["wb_n1"]  # only the missing row (the library's spec name) is attacked again
+    assert len(ceilings) == 1  # the ceiling (as costly as several rows) is kept too
     assert again["rows"] == first["rows"]
-    assert again["any_attack"] == first["any_attack"]
+    assert again["any_attack"] == first["any_attack"] and again["ceiling"] == first["ceiling"]
+    calls.clear()
+    screen("transfer", "--substitute", str(tiny_run), attacks="pgd,tf")
+    assert calls == ["transfer_vgg16"] * 2  # the white-box rows do not depend on the substitute: kept
     calls.clear()
     screen("other-seed", "--seed", "1")  # other images and targets: nothing is reused
-    assert len(calls) == 4
+    assert len(calls) == 4 and len(ceilings) == 2
 
 
 def test_attacks_that_lack_their_inputs_are_unavailable_not_substituted():
