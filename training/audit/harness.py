@@ -122,16 +122,17 @@ class AttackCache:
              "x_adv": levels.to(torch.uint8) if exact else attacked.x_adv, "max_linf": attacked.max_linf}, partial))
         return attacked
 
-    def ceiling(self, measure, x: Tensor, y: np.ndarray, cushion: CushionBase, *settings) -> dict:
-        """`measure(x, y, cushion, *settings)` (the robustness ceiling, a JSON-able dict), kept like an attacked set:
-        it costs as much as several report rows. Keyed on the network (the classifier is part of it), Cushion, clean
-        images and the settings."""
-        path = self._path("ceiling", (self.fingerprint, repr(cushion), settings), x.numpy(), np.asarray(y),
+    def ceiling(self, measure, classifier: torch.nn.Module, x: Tensor, y: np.ndarray, cushion: CushionBase,
+                *settings) -> dict:
+        """`measure(classifier, x, y, cushion, *settings)` (the robustness ceiling, a JSON-able dict), kept like an
+        attacked set: it costs as much as several report rows. Keyed on what it measures (the classifier's weights,
+        not the thresholds), the Cushion, the clean images and the settings."""
+        path = self._path("ceiling", (_weights_digest(classifier), repr(cushion), settings), x.numpy(), np.asarray(y),
                           suffix=".json")
         if path.exists():
             log.info("ceiling reused from %s", path)
             return json.loads(path.read_text())
-        result = measure(x, y, cushion, *settings)
+        result = measure(classifier, x, y, cushion, *settings)
         _save_atomically(path, lambda partial: partial.write_text(json.dumps(result)))
         return result
 

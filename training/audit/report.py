@@ -8,7 +8,6 @@ Files: `security_report.json` (key `security_report`, served at GET /v1/model), 
 from __future__ import annotations
 
 import logging
-from functools import partial
 
 import numpy as np
 import torch
@@ -123,10 +122,9 @@ def security_report(ctx: Context, attacks: list[str] | None = None) -> dict:
     result["clean"] = clean_metrics(ctx.net, x, y, cushion, thresholds)
     result["max_bypass"] = max_bypass(rows)
     result["any_attack"] = any_attack(outcomes, s.bootstrap, ctx.seed)
-    ceiling = partial(robust_accuracy, ctx.net.classifier)
-    settings = (s.eval_images, s.adaptive_steps, s.report_budgets, s.batch, ctx.seed, s.bootstrap)
-    result["ceiling"] = (ceiling(x, y, cushion, *settings) if cache is None else
-                         cache.ceiling(ceiling, x, y, cushion, *settings))
+    ceiling = (ctx.net.classifier, x, y, cushion, s.eval_images, s.adaptive_steps, s.report_budgets, s.batch, ctx.seed,
+               s.bootstrap)
+    result["ceiling"] = robust_accuracy(*ceiling) if cache is None else cache.ceiling(robust_accuracy, *ceiling)
     result["summary_md"] = f"**{summary_line(result)}**\n\n{ceiling_markdown(result['ceiling'])}"
     return result
 
